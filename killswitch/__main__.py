@@ -1,0 +1,5 @@
+"""`python -m killswitch`."""
+
+from killswitch.cli import main
+
+main()
