@@ -32,6 +32,9 @@ from killswitch.triggers import Source
 
 log = structlog.get_logger()
 
+# Outcomes a re-cancel cannot change (bad request, bad key, a final reject).
+FINAL_OUTCOMES = frozenset({"rejected", "auth_error"})
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Trip:
@@ -245,14 +248,16 @@ class Fanout:
         deadline: float,
         stamp: WireStamp | None,
         waiters: list[_TripProgress] | None = None,
+        *,
+        first_attempt: int = 1,
     ) -> tuple[str, int, str | None]:
-        """Cancel-all with retries; returns (last outcome, attempts, last error)."""
+        """Cancel-all with retries; returns (last outcome, attempts made, last error)."""
         try:
-            await self._attempt(account, 1, deadline, stamp)
+            await self._attempt(account, first_attempt, deadline, stamp)
         except EmsError as first_error:
             if waiters:
                 self._mark_wired(account, stamp, waiters)
-            return await self._retry_after(account, first_error, deadline)
+            return await self._retry_after(account, first_error, deadline, first_attempt)
         if waiters:
             self._mark_wired(account, stamp, waiters)
         return "accepted", 1, None
@@ -269,11 +274,12 @@ class Fanout:
         self, account: str, attempt: int, deadline: float, stamp: WireStamp | None
     ) -> None:
         started = self._clock()
-        outcome = "accepted"
+        outcome = "error"  # a bug unwinds with this label; EMS answers are classified
         try:
             await self.ems.cancel_all(
                 account, stamp=stamp, limit_seconds=deadline - started
             )
+            outcome = "accepted"
         except EmsError as exc:
             outcome = exc.outcome
             raise
@@ -311,7 +317,7 @@ class Fanout:
         return wait
 
     async def _retry_after(
-        self, account: str, first_error: EmsError, deadline: float
+        self, account: str, first_error: EmsError, deadline: float, first_attempt: int
     ) -> tuple[str, int, str | None]:
         """Retry with tenacity; the first attempt already happened outside it."""
         attempts = 1
@@ -327,7 +333,7 @@ class Fanout:
                 # Replay the first failure so tenacity applies wait and stop to it.
                 raise replayed_first.pop()
             attempts += 1
-            await self._attempt(account, attempts, deadline, None)
+            await self._attempt(account, first_attempt + attempts - 1, deadline, None)
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -374,7 +380,11 @@ class Fanout:
                             open_orders=len(orders))  # fmt: skip
                 if check == self.sweep_cfg.verify_attempts:
                     break
-                outcome, attempts, error = await self._cancel(account, deadline, None)
+                if result.outcome in FINAL_OUTCOMES:
+                    break  # the EMS refuses cancel-all here: asking again cannot help
+                outcome, attempts, error = await self._cancel(
+                    account, deadline, None, first_attempt=result.attempts + 1
+                )
                 result.outcome = outcome
                 result.attempts += attempts
                 result.error = error
