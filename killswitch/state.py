@@ -31,10 +31,10 @@ class PersistedState:
     pnl_peaks: dict[str, float] = field(default_factory=dict)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Replace `path` with `data` so a crash leaves either the old or the new file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -176,6 +176,7 @@ class Persister:
         if state.tripped:
             halt_file.parent.mkdir(parents=True, exist_ok=True)
             body = {"tripped": sorted(state.tripped)}
-            write_atomic(halt_file, json.dumps(body).encode() + b"\n")
+            # Trading systems (other users) read it: world-readable on purpose.
+            write_atomic(halt_file, json.dumps(body).encode() + b"\n", mode=0o644)
         else:
             halt_file.unlink(missing_ok=True)
