@@ -34,6 +34,7 @@ from killswitch.notify import Notifier
 from killswitch.state import PersistedState, Persister, load_state
 from killswitch.switch import Switch
 from killswitch.triggers import Trigger, TripRequest
+from killswitch.triggers.pnl_file import PnlWatchers
 from killswitch.triggers.signals import SignalTrigger
 from killswitch.warm import KeepWarm
 
@@ -104,6 +105,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self.switch: Switch | None = None
+        self.pnl: PnlWatchers | None = None
         self.fanout: Fanout | None = None
         self.persister: Persister | None = None
         self.audit: AuditLog | None = None
@@ -217,9 +219,15 @@ class Daemon:
     async def _serve(self, switch: Switch) -> None:
         app = create_app(switch, self.metrics, lambda: self.cfg, self.readiness)
         signal_trigger = SignalTrigger(switch) if self.cfg.triggers.signal else None
-        triggers: list[Trigger] = list(
-            self._extra_triggers(self) if self._extra_triggers else []
-        )
+        assert self.persister is not None
+        self.pnl = PnlWatchers(
+            lambda: self.cfg.triggers.pnl, switch, self.metrics, self.pnl_peaks,
+            self.persister.request_save,
+        )  # fmt: skip
+        switch.on_reset.append(self.pnl.on_reset)
+        triggers: list[Trigger] = [self.pnl]
+        if self._extra_triggers is not None:
+            triggers.extend(self._extra_triggers(self))
         keep_warm = KeepWarm(
             self._ems_client, lambda: accounts_by_ems(self.cfg), self.metrics,
             self.readiness.ems_warm.__setitem__,
@@ -306,6 +314,8 @@ class Daemon:
         self.fanout.ems = self._ems_client()
         self.fanout.retry_cfg = new.retry
         self.fanout.sweep_cfg = new.sweep
+        if self.pnl is not None:
+            self.pnl.reload()
         for warning in new.warnings:
             log.warning("config_warning", detail=warning)
         log.info("config_reloaded", accounts=len(new.accounts))
