@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -24,11 +23,12 @@ from prometheus_client import CollectorRegistry
 from killswitch import __version__
 from killswitch.audit import AUDIT_FILE_NAME, AuditLog
 from killswitch.config import Config, load_config
-from killswitch.ems import EmsClient, connector_for, wire_trace_config
+from killswitch.ems import EmsClient, create_session, line_specs
 from killswitch.errors import ConfigError, StateError
 from killswitch.fanout import Fanout
 from killswitch.http import Readiness, create_app
 from killswitch.latch import Latch
+from killswitch.line import CancelLines
 from killswitch.metrics import Metrics
 from killswitch.notify import Notifier
 from killswitch.state import PersistedState, Persister, load_state
@@ -43,7 +43,7 @@ log = structlog.get_logger()
 STATUS_REFRESH_SECONDS = 1.0
 
 
-class _StopRequested(Exception):
+class _StopRequested(Exception):  # noqa: N818 - a signal, not an error (STYLE 6)
     """Unwinds the trigger TaskGroup; never leaves Daemon.run()."""
 
 
@@ -110,6 +110,7 @@ class Daemon:
         self.persister: Persister | None = None
         self.audit: AuditLog | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.lines: CancelLines | None = None
 
     def request_stop(self) -> None:
         """What SIGTERM/SIGINT do: ask for an orderly shutdown."""
@@ -136,13 +137,15 @@ class Daemon:
             persisted = load_state(state_dir)
         except StateError as exc:
             log.critical(
-                "state_unreadable", error=str(exc),
+                "state_unreadable",
+                error=str(exc),
                 action="assuming every account tripped; sweeping all; reset to re-arm",
-            )  # fmt: skip
+            )
             return TripRequest(
-                source="startup", reason=f"state unreadable, assuming tripped: {exc}",
+                source="startup",
+                reason=f"state unreadable, assuming tripped: {exc}",
                 notes=("state file unreadable: tripping all accounts",),
-            )  # fmt: skip
+            )
         if persisted is None:
             return None
         self.pnl_peaks.update(persisted.pnl_peaks)
@@ -150,8 +153,11 @@ class Daemon:
             a: r for a, r in persisted.tripped.items() if a in self.cfg.account_ids
         }
         for account in set(persisted.tripped) - set(known):
-            log.warning("state_account_unknown", account=account,
-                        detail="tripped in the state file but not configured")  # fmt: skip
+            log.warning(
+                "state_account_unknown",
+                account=account,
+                detail="tripped in the state file but not configured",
+            )
         if not known:
             return None
         self.latch.restore(known)
@@ -159,13 +165,14 @@ class Daemon:
             self.metrics.tripped.labels(account=account).set(1)
         log.warning("state_restored_tripped", accounts=sorted(known))
         return TripRequest(
-            source="startup", reason="restart with latched accounts",
+            source="startup",
+            reason="restart with latched accounts",
             accounts=tuple(known),
-        )  # fmt: skip
+        )
 
     def _ems_client(self) -> EmsClient:
         assert self._session is not None
-        return EmsClient(self._session, self.cfg.ems, self.cfg.accounts)
+        return EmsClient(self._session, self.cfg.ems, self.cfg.accounts, self.lines)
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code."""
@@ -173,14 +180,14 @@ class Daemon:
         for warning in cfg.warnings:
             log.warning("config_warning", detail=warning)
         startup_trip = self._restore_state()
-        timeout = aiohttp.ClientTimeout(
-            total=max(e.timeout_seconds for e in cfg.ems.values())
-        )
-        with _handling_signals({
-            signal.SIGTERM: self.request_stop,
-            signal.SIGINT: self.request_stop,
-            signal.SIGHUP: self._reload_requested.set,
-        }):  # fmt: skip
+        timeout_seconds = max(e.timeout_seconds for e in cfg.ems.values())
+        with _handling_signals(
+            {
+                signal.SIGTERM: self.request_stop,
+                signal.SIGINT: self.request_stop,
+                signal.SIGHUP: self._reload_requested.set,
+            }
+        ):
             async with (
                 AuditLog(
                     cfg.state_dir / AUDIT_FILE_NAME, self._on_write_error
@@ -188,23 +195,25 @@ class Daemon:
                 Persister(
                     cfg.state_dir, cfg.halt_file, self._snapshot, self._on_write_error
                 ) as persister,
-                aiohttp.ClientSession(
-                    connector=connector_for(len(cfg.accounts)),
-                    timeout=timeout,
-                    trace_configs=[wire_trace_config()],
-                ) as session,
+                create_session(len(cfg.accounts), timeout_seconds) as session,
+                CancelLines(line_specs(cfg.ems, cfg.accounts)) as lines,
             ):
                 self.audit, self.persister, self._session = audit, persister, session
+                self.lines = lines
                 audit.append(
                     "started", version=__version__, config=str(self.config_path)
                 )
                 fanout = Fanout(self._ems_client(), cfg.retry, cfg.sweep, self.metrics)
                 async with fanout:
                     switch = Switch(
-                        self.latch, fanout, self.metrics, audit, persister,
+                        self.latch,
+                        fanout,
+                        self.metrics,
+                        audit,
+                        persister,
                         cfg.account_ids,
                         halt_file=str(cfg.halt_file) if cfg.halt_file else None,
-                    )  # fmt: skip
+                    )
                     self.fanout, self.switch = fanout, switch
                     async with switch:
                         if startup_trip is not None:
@@ -221,18 +230,23 @@ class Daemon:
         signal_trigger = SignalTrigger(switch) if self.cfg.triggers.signal else None
         assert self.persister is not None
         self.pnl = PnlWatchers(
-            lambda: self.cfg.triggers.pnl, switch, self.metrics, self.pnl_peaks,
+            lambda: self.cfg.triggers.pnl,
+            switch,
+            self.metrics,
+            self.pnl_peaks,
             self.persister.request_save,
-        )  # fmt: skip
+        )
         switch.on_reset.append(self.pnl.on_reset)
         triggers: list[Trigger] = [self.pnl]
         if self._extra_triggers is not None:
             triggers.extend(self._extra_triggers(self))
         keep_warm = KeepWarm(
-            self._ems_client, lambda: accounts_by_ems(self.cfg), self.metrics,
+            self._ems_client,
+            lambda: accounts_by_ems(self.cfg),
+            self.metrics,
             self.readiness.ems_warm.__setitem__,
             is_busy=lambda: bool(switch.fanout.in_flight),
-        )  # fmt: skip
+        )
         async with _serving(app, self.cfg.api.host, self.cfg.api.port):
             self.readiness.listening = True
             try:
@@ -247,14 +261,15 @@ class Daemon:
                     tg.create_task(self._reloads(), name="daemon.reload")
                     tg.create_task(self._systemd(switch), name="daemon.systemd")
                     tg.create_task(self._raise_when_stopped(), name="daemon.stop")
-                    log.info("daemon_ready", version=__version__,
-                             accounts=len(self.cfg.accounts))  # fmt: skip
-                    self.notifier.notify(
-                        f"READY=1\nSTATUS={self._status_words(switch)}"
+                    log.info(
+                        "daemon_ready",
+                        version=__version__,
+                        accounts=len(self.cfg.accounts),
                     )
+                    self.notifier.ready(self._status_words(switch))
             except* _StopRequested:
                 log.info("shutdown_requested", sweeping=list(switch.fanout.in_flight))
-                self.notifier.notify("STOPPING=1\nSTATUS=stopping")
+                self.notifier.stopping()
             finally:
                 self.readiness.listening = False
 
@@ -270,9 +285,10 @@ class Daemon:
             if interval <= 0:
                 continue
             due = tuple(
-                a for a in self.latch.tripped_accounts
+                a
+                for a in self.latch.tripped_accounts
                 if a in self.cfg.account_ids and not switch.fanout.is_sweeping(a)
-            )  # fmt: skip
+            )
             if due:
                 switch.trip(
                     TripRequest(source="resweep", reason="still tripped", accounts=due)
@@ -302,8 +318,10 @@ class Daemon:
                 "reload_listen_unchanged", detail="api.listen applies on restart"
             )
         if new.state_dir != self.cfg.state_dir or new.halt_file != self.cfg.halt_file:
-            log.warning("reload_paths_unchanged",
-                        detail="state_dir and halt_file apply on restart")  # fmt: skip
+            log.warning(
+                "reload_paths_unchanged",
+                detail="state_dir and halt_file apply on restart",
+            )
         old_accounts = self.cfg.account_ids
         self.cfg = new
         self.latch.add_accounts(new.account_ids)  # latched accounts stay latched
@@ -311,6 +329,8 @@ class Daemon:
             tuple(a for a in new.account_ids if a not in old_accounts)
         )
         self.switch.accounts = new.account_ids
+        if self.lines is not None:
+            self.lines.configure(line_specs(new.ems, new.accounts))
         self.fanout.ems = self._ems_client()
         self.fanout.retry_cfg = new.retry
         self.fanout.sweep_cfg = new.sweep
@@ -325,33 +345,27 @@ class Daemon:
         return True
 
     def _status_words(self, switch: Switch) -> str:
+        """The state in words for `systemctl status`: tripped, sweeping, failing."""
         sweeping = switch.fanout.in_flight
-        if sweeping:
-            return f"sweeping: {', '.join(sweeping)}"
         tripped = self.latch.tripped_accounts
-        if tripped:
-            return f"tripped: {', '.join(tripped)}"
-        return f"armed: {len(self.cfg.accounts)} accounts"
+        if sweeping:
+            words = f"sweeping: {', '.join(sweeping)}"
+        elif tripped:
+            words = f"tripped: {', '.join(tripped)}"
+        else:
+            words = f"armed: {len(self.cfg.accounts)} accounts"
+        errors = [
+            e
+            for e in (
+                self.persister.last_error if self.persister else None,
+                self.audit.last_error if self.audit else None,
+            )
+            if e
+        ]
+        if errors:
+            words += f"; write failing: {'; '.join(errors)}"
+        return words
 
     async def _systemd(self, switch: Switch) -> None:
         """WATCHDOG=1 from the event loop itself, and STATUS= when it changes."""
-        if not self.notifier.is_enabled:
-            return
-        interval = self.notifier.watchdog_interval_seconds
-        tick = (
-            min(interval, STATUS_REFRESH_SECONDS)
-            if interval
-            else STATUS_REFRESH_SECONDS
-        )
-        last_ping = 0.0
-        last_status = ""
-        while True:
-            now = time.monotonic()
-            if interval is not None and now - last_ping >= interval:
-                self.notifier.notify("WATCHDOG=1")
-                last_ping = now
-            words = self._status_words(switch)
-            if words != last_status:
-                self.notifier.notify(f"STATUS={words}")
-                last_status = words
-            await asyncio.sleep(tick)
+        await self.notifier.run(lambda: self._status_words(switch))

@@ -1,4 +1,4 @@
-"""EmsClient: one attempt per call at the CoinAPI EMS REST API; classifies every response.
+"""EmsClient: one attempt per call to the CoinAPI EMS REST API; classifies responses.
 
 Everything a request needs (URL, body, headers, timeout) is prepared once per
 account, so the cancel path only writes bytes to a warm pooled connection.
@@ -6,19 +6,22 @@ account, so the cancel path only writes bytes to a warm pooled connection.
 
 from __future__ import annotations
 
-
+import asyncio
 import json
 import time
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.connector import Connection
 from yarl import URL
 
 from killswitch.config import AccountConfig, EmsConfig
 from killswitch.errors import EmsError, EmsRejectedError, EmsUnavailableError
+from killswitch.line import CancelLines, Fired, LineSpec, line_spec
 
 CANCEL_ALL_PATH = "/v1/orders/cancel/all"
 ORDERS_PATH = "/v1/orders"
@@ -31,7 +34,7 @@ STATUS_EXCHANGE_UNREACHABLE = 490  # CoinAPI's own code
 
 
 class WireStamp:
-    """Filled in by the client trace when a request's body is written to its socket."""
+    """Filled in when a request's body has been written to its socket."""
 
     __slots__ = ("written_monotonic",)
 
@@ -39,21 +42,35 @@ class WireStamp:
         self.written_monotonic: float | None = None
 
 
-async def _on_request_chunk_sent(
-    session: aiohttp.ClientSession,
-    ctx: SimpleNamespace,
-    params: aiohttp.TraceRequestChunkSentParams,
-) -> None:
-    stamp = ctx.trace_request_ctx
-    if isinstance(stamp, WireStamp) and stamp.written_monotonic is None:
-        stamp.written_monotonic = time.monotonic()
+# The stamp of the request being sent from the current task. The body-writing
+# task aiohttp starts copies this context, so it finds the right stamp.
+_current_stamp: ContextVar[WireStamp | None] = ContextVar("wire_stamp", default=None)
 
 
-def wire_trace_config() -> aiohttp.TraceConfig:
-    """Client tracing that timestamps the moment a request is on the wire."""
-    trace = aiohttp.TraceConfig()
-    trace.on_request_chunk_sent.append(_on_request_chunk_sent)
-    return trace
+class _StampingRequest(aiohttp.ClientRequest):
+    """Records when the body is on the wire; cheaper than client tracing."""
+
+    async def write_bytes(
+        self,
+        writer: AbstractStreamWriter,
+        conn: Connection,
+        content_length: int | None = None,
+    ) -> None:
+        await super().write_bytes(writer, conn, content_length)
+        stamp = _current_stamp.get()
+        if stamp is not None and stamp.written_monotonic is None:
+            stamp.written_monotonic = time.monotonic()
+
+
+def create_session(accounts: int, timeout_seconds: float) -> aiohttp.ClientSession:
+    """The daemon's one HTTP client session: warm pool, no cookies, wire stamps."""
+    return aiohttp.ClientSession(
+        connector=connector_for(accounts),
+        timeout=aiohttp.ClientTimeout(total=timeout_seconds),
+        request_class=_StampingRequest,
+        # The EMS sets no cookies; skipping the jar saves work on every request.
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
 
 
 def connector_for(accounts: int) -> aiohttp.TCPConnector:
@@ -95,19 +112,20 @@ class EmsClient:
         session: aiohttp.ClientSession,
         ems: Mapping[str, EmsConfig],
         accounts: tuple[AccountConfig, ...],
+        lines: CancelLines | None = None,
     ) -> None:
         self._session = session
+        self._lines = lines
         self._prepared: dict[str, _Prepared] = {}
         for account in accounts:
             cfg = ems[account.ems]
             headers = {"Content-Type": "application/json", "Accept": "application/json"}
             if cfg.api_key is not None:
                 headers["X-CoinAPI-Key"] = cfg.api_key
-            base = URL(cfg.base_url)
             self._prepared[account.exchange_id] = _Prepared(
-                cancel_url=base.with_path(CANCEL_ALL_PATH),
-                cancel_body=json.dumps({"exchange_id": account.exchange_id}).encode(),
-                orders_url=base.with_path(ORDERS_PATH).with_query(
+                cancel_url=URL(cfg.base_url + CANCEL_ALL_PATH),
+                cancel_body=cancel_all_body(account.exchange_id),
+                orders_url=URL(cfg.base_url + ORDERS_PATH).with_query(
                     exchange_id=account.exchange_id
                 ),
                 headers=headers,
@@ -122,14 +140,19 @@ class EmsClient:
             return p.timeout
         return aiohttp.ClientTimeout(total=max(limit_seconds, 0.001))
 
+    def fire(self, exchange_id: str) -> Fired | None:
+        """Write the prepared cancel-all on the account's warm line, if one is ready."""
+        return self._lines.fire(exchange_id) if self._lines is not None else None
+
     async def cancel_all(
         self,
         exchange_id: str,
         *,
+        fired: Fired | None = None,
         stamp: WireStamp | None = None,
         limit_seconds: float | None = None,
     ) -> CancelAck:
-        """POST /v1/orders/cancel/all for one account, once.
+        """POST /v1/orders/cancel/all for one account, once (or await one `fired`).
 
         Raises:
             EmsUnavailableError: transient failure; worth retrying.
@@ -137,10 +160,24 @@ class EmsClient:
                 (except reject reason OTHER, which callers may retry a little).
         """
         p = self._prepared[exchange_id]
-        status, headers, body = await self._send(
-            "POST", p.cancel_url, exchange_id, p, limit_seconds,
-            data=p.cancel_body, stamp=stamp,
-        )  # fmt: skip
+        if fired is not None:
+            if stamp is not None:
+                stamp.written_monotonic = fired.written_monotonic
+            status, headers, body = await self._await_fired(
+                fired,
+                exchange_id,
+                min(p.timeout_seconds, limit_seconds or p.timeout_seconds),
+            )
+        else:
+            status, headers, body = await self._send(
+                "POST",
+                p.cancel_url,
+                exchange_id,
+                p,
+                limit_seconds,
+                data=p.cancel_body,
+                stamp=stamp,
+            )
         doc = classify(exchange_id, "cancel_all", status, headers, body)
         message = doc.get("message") if isinstance(doc, dict) else None
         return CancelAck(
@@ -184,6 +221,28 @@ class EmsClient:
                 msg, exchange_id=exchange_id, outcome="http_error"
             )
 
+    @staticmethod
+    async def _await_fired(
+        fired: Fired, exchange_id: str, timeout_seconds: float
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                return await fired.response
+        except TimeoutError as exc:
+            fired.abandon()
+            msg = f"{exchange_id}: cancel_all timed out"
+            raise EmsUnavailableError(
+                msg, exchange_id=exchange_id, outcome="timeout"
+            ) from exc
+        except ConnectionError as exc:
+            msg = f"{exchange_id}: cancel_all failed: {type(exc).__name__}: {exc}"
+            raise EmsUnavailableError(
+                msg, exchange_id=exchange_id, outcome="network_error"
+            ) from exc
+        except asyncio.CancelledError:
+            fired.abandon()
+            raise
+
     async def _send(
         self,
         method: str,
@@ -196,11 +255,15 @@ class EmsClient:
         stamp: WireStamp | None = None,
     ) -> tuple[int, Mapping[str, str], bytes]:
         what = "cancel_all" if data is not None else "open_orders"
+        _current_stamp.set(stamp)
         try:
             async with self._session.request(
-                method, url, data=data, headers=p.headers,
-                timeout=self._timeout(p, limit_seconds), trace_request_ctx=stamp,
-            ) as resp:  # fmt: skip
+                method,
+                url,
+                data=data,
+                headers=p.headers,
+                timeout=self._timeout(p, limit_seconds),
+            ) as resp:
                 body = await resp.content.read(MAX_BODY_BYTES)
                 return resp.status, resp.headers, body
         except TimeoutError as exc:
@@ -213,6 +276,26 @@ class EmsClient:
             raise EmsUnavailableError(
                 msg, exchange_id=exchange_id, outcome="network_error"
             ) from exc
+
+
+def cancel_all_body(exchange_id: str) -> bytes:
+    """The spec's OrderCancelAllRequest: `exchange_id` is the only field."""
+    return json.dumps({"exchange_id": exchange_id}).encode()
+
+
+def line_specs(
+    ems: Mapping[str, EmsConfig], accounts: tuple[AccountConfig, ...]
+) -> dict[str, LineSpec]:
+    """One warm-line spec per account: its cancel-all, ready to write."""
+    return {
+        a.exchange_id: line_spec(
+            a,
+            ems[a.ems],
+            URL(ems[a.ems].base_url).path.rstrip("/") + CANCEL_ALL_PATH,
+            cancel_all_body(a.exchange_id),
+        )
+        for a in accounts
+    }
 
 
 def _parse_json(body: bytes) -> Any:
@@ -266,9 +349,11 @@ def classify(
         )
     if status == 429 or status >= 500:
         raise EmsUnavailableError(
-            where, exchange_id=exchange_id, outcome="http_error",
+            where,
+            exchange_id=exchange_id,
+            outcome="http_error",
             retry_after_seconds=_retry_after_seconds(headers),
-        )  # fmt: skip
+        )
     if 400 <= status < 500 or reason is not None:
         raise EmsRejectedError(
             where, exchange_id=exchange_id, outcome="rejected", reject_reason=reason
@@ -285,5 +370,6 @@ __all__ = [
     "WireStamp",
     "classify",
     "connector_for",
-    "wire_trace_config",
+    "create_session",
+    "line_specs",
 ]

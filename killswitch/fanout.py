@@ -27,6 +27,7 @@ from tenacity import (
 from killswitch.config import RetryConfig, SweepConfig
 from killswitch.ems import EmsClient, WireStamp
 from killswitch.errors import EmsError, EmsRejectedError, EmsUnavailableError
+from killswitch.line import Fired
 from killswitch.metrics import Metrics
 from killswitch.triggers import Source
 
@@ -110,7 +111,7 @@ class _TripProgress:
 
 
 class Fanout:
-    """Runs per-account sweeps in a TaskGroup; on exit waits for them up to the deadline."""
+    """Runs per-account sweeps in a TaskGroup; on exit waits for them (bounded)."""
 
     def __init__(
         self,
@@ -182,8 +183,10 @@ class Fanout:
         for account in trip.accounts:
             self._waiting.setdefault(account, []).append(progress)
             if account not in self._running and self._accepting:
+                # Written here, synchronously, when the account's warm line is ready.
+                fired = self.ems.fire(account)
                 self._running[account] = self._tg.create_task(
-                    self._account_worker(account), name=f"fanout.{account}"
+                    self._account_worker(account, fired), name=f"fanout.{account}"
                 )
         return future, progress.wired
 
@@ -192,10 +195,12 @@ class Fanout:
         future, _ = self.submit(trip)
         return await future
 
-    async def _account_worker(self, account: str) -> None:
+    async def _account_worker(self, account: str, fired: Fired | None) -> None:
         try:
             while waiters := self._waiting.pop(account, None):
-                result = await self._sweep_account(account, waiters)
+                fired = fired or self.ems.fire(account)
+                result = await self._sweep_account(account, waiters, fired)
+                fired = None
                 self.last_results[account] = result
                 for progress in waiters:
                     progress.result.accounts[account] = result
@@ -221,18 +226,23 @@ class Fanout:
             callback(result)
 
     async def _sweep_account(
-        self, account: str, waiters: list[_TripProgress]
+        self, account: str, waiters: list[_TripProgress], fired: Fired | None
     ) -> AccountResult:
         started = self._clock()
         deadline = started + self.sweep_cfg.deadline_seconds
         trip_id = waiters[-1].trip.trip_id
         stamp = WireStamp()
         # The first attempt goes straight out: no retry machinery on the hot path.
-        outcome, attempts, error = await self._cancel(account, deadline, stamp, waiters)
+        outcome, attempts, error = await self._cancel(
+            account, deadline, stamp, waiters, fired=fired
+        )
         result = AccountResult(
-            exchange_id=account, outcome=outcome, attempts=attempts, error=error,
+            exchange_id=account,
+            outcome=outcome,
+            attempts=attempts,
+            error=error,
             trip_id=trip_id,
-        )  # fmt: skip
+        )
         if self.sweep_cfg.verify:
             await self._verify(account, deadline, result)
         result.duration_seconds = self._clock() - started
@@ -250,14 +260,17 @@ class Fanout:
         waiters: list[_TripProgress] | None = None,
         *,
         first_attempt: int = 1,
+        fired: Fired | None = None,
     ) -> tuple[str, int, str | None]:
-        """Cancel-all with retries; returns (last outcome, attempts made, last error)."""
+        """Cancel-all with retries; returns (last outcome, attempts, last error)."""
         try:
-            await self._attempt(account, first_attempt, deadline, stamp)
+            await self._attempt(account, first_attempt, deadline, stamp, fired)
         except EmsError as first_error:
             if waiters:
                 self._mark_wired(account, stamp, waiters)
-            return await self._retry_after(account, first_error, deadline, first_attempt)
+            return await self._retry_after(
+                account, first_error, deadline, first_attempt
+            )
         if waiters:
             self._mark_wired(account, stamp, waiters)
         return "accepted", 1, None
@@ -271,13 +284,18 @@ class Fanout:
             progress.mark_wired(account, at)
 
     async def _attempt(
-        self, account: str, attempt: int, deadline: float, stamp: WireStamp | None
+        self,
+        account: str,
+        attempt: int,
+        deadline: float,
+        stamp: WireStamp | None,
+        fired: Fired | None = None,
     ) -> None:
-        started = self._clock()
+        started = fired.written_monotonic if fired is not None else self._clock()
         outcome = "error"  # a bug unwinds with this label; EMS answers are classified
         try:
             await self.ems.cancel_all(
-                account, stamp=stamp, limit_seconds=deadline - started
+                account, fired=fired, stamp=stamp, limit_seconds=deadline - started
             )
             outcome = "accepted"
         except EmsError as exc:
@@ -290,9 +308,12 @@ class Fanout:
                 elapsed
             )
             log.info(
-                "cancel_all_attempted", account=account, attempt=attempt,
-                outcome=outcome, latency_ms=round(elapsed * 1000, 3),
-            )  # fmt: skip
+                "cancel_all_attempted",
+                account=account,
+                attempt=attempt,
+                outcome=outcome,
+                latency_ms=round(elapsed * 1000, 3),
+            )
 
     def _is_retryable(self, exc: BaseException, attempt: int) -> bool:
         if isinstance(exc, EmsUnavailableError):
@@ -358,7 +379,7 @@ class Fanout:
     async def _verify(
         self, account: str, deadline: float, result: AccountResult
     ) -> None:
-        """List open orders; re-cancel while some remain, up to verify_attempts lists."""
+        """List open orders; re-cancel while some remain, up to verify_attempts."""
         for check in range(1, self.sweep_cfg.verify_attempts + 1):
             remaining = deadline - self._clock()
             if remaining <= 0:
@@ -376,8 +397,12 @@ class Fanout:
                 if not orders:
                     result.flat = True
                     return
-                log.warning("orders_survived_cancel", account=account, check=check,
-                            open_orders=len(orders))  # fmt: skip
+                log.warning(
+                    "orders_survived_cancel",
+                    account=account,
+                    check=check,
+                    open_orders=len(orders),
+                )
                 if check == self.sweep_cfg.verify_attempts:
                     break
                 if result.outcome in FINAL_OUTCOMES:

@@ -1,4 +1,4 @@
-"""Persist the latch and PnL peaks (atomic write + fsync), and the halt file, off the hot path."""
+"""Persist the latch, PnL peaks and halt file (atomic, fsynced), off the hot path."""
 
 from __future__ import annotations
 

@@ -111,10 +111,12 @@ class Switch:
         self.latch.trip(
             accounts,
             TripRecord(
-                trip_id=trip.trip_id, source=trip.source, reason=trip.reason,
+                trip_id=trip.trip_id,
+                source=trip.source,
+                reason=trip.reason,
                 time=trip.seen_time,
             ),
-        )  # fmt: skip
+        )
         for account in accounts:
             self._metrics.tripped.labels(account=account).set(1)
         self._metrics.trips.labels(source=trip.source).inc()
@@ -147,13 +149,21 @@ class Switch:
             callback(wanted)
         self._persister.request_save()
         log.warning(
-            "reset_done", accounts=list(wanted), was_tripped=list(was_tripped),
-            still_sweeping=list(still), reason=reason, actor=actor,
-        )  # fmt: skip
+            "reset_done",
+            accounts=list(wanted),
+            was_tripped=list(was_tripped),
+            still_sweeping=list(still),
+            reason=reason,
+            actor=actor,
+        )
         self._audit.append(
-            "reset", accounts=list(wanted), was_tripped=list(was_tripped),
-            still_sweeping=list(still), reason=reason, actor=actor,
-        )  # fmt: skip
+            "reset",
+            accounts=list(wanted),
+            was_tripped=list(was_tripped),
+            still_sweeping=list(still),
+            reason=reason,
+            actor=actor,
+        )
         return ResetReceipt(wanted, still, tuple(notes))
 
     async def _record_trips(self) -> None:
@@ -180,10 +190,15 @@ class Switch:
         for account, r in result.accounts.items():
             if not r.ok:
                 log.error(
-                    "account_not_flat", trip_id=trip.trip_id, account=account,
-                    outcome=r.outcome, attempts=r.attempts, open_orders=r.open_orders,
-                    flat=r.flat, error=r.error,
-                )  # fmt: skip
+                    "account_not_flat",
+                    trip_id=trip.trip_id,
+                    account=account,
+                    outcome=r.outcome,
+                    attempts=r.attempts,
+                    open_orders=r.open_orders,
+                    flat=r.flat,
+                    error=r.error,
+                )
         summary = {
             "trip_id": trip.trip_id,
             "source": trip.source,
@@ -199,11 +214,16 @@ class Switch:
             "sweep_result",
             **summary,
             accounts={
-                a: {"outcome": r.outcome, "attempts": r.attempts,
-                    "open_orders": r.open_orders, "flat": r.flat, "error": r.error}
+                a: {
+                    "outcome": r.outcome,
+                    "attempts": r.attempts,
+                    "open_orders": r.open_orders,
+                    "flat": r.flat,
+                    "error": r.error,
+                }
                 for a, r in result.accounts.items()
             },
-        )  # fmt: skip
+        )
 
     def status(self) -> dict[str, Any]:
         """Everything /v1/status and `killswitch status` show."""
@@ -229,14 +249,18 @@ class Switch:
             "tripped_accounts": list(self.latch.tripped_accounts),
             "sweeping": list(self.fanout.in_flight),
             "accounts": accounts,
-            "last_trip": None if last is None else {
-                "trip_id": last.trip_id, "source": last.source,
-                "reason": last.reason, "time": last.time,
+            "last_trip": None
+            if last is None
+            else {
+                "trip_id": last.trip_id,
+                "source": last.source,
+                "reason": last.reason,
+                "time": last.time,
             },
             "halt_file": self._halt_file,
             "persistence_error": self._persister.last_error,
             "audit_error": self._audit.last_error,
-        }  # fmt: skip
+        }
 
 
 def _trip_fields(trip: Trip) -> dict[str, Any]:

@@ -20,7 +20,7 @@ COLD_RETRY_SECONDS = 1.0
 
 
 class KeepWarm:
-    """Probes every account of every EMS concurrently, so the pool holds N live sockets."""
+    """Probes every account of every EMS at once, so the pool holds N live sockets."""
 
     name = "keep_warm"
 
@@ -65,8 +65,9 @@ class KeepWarm:
         up = len(errors) < len(outcomes)  # one answering connection: the EMS is up
         if self._up.get(ems) != up:
             event = "ems_up" if up else "ems_down"
-            log.log(20 if up else 40, event, ems=ems,
-                    errors=[str(e) for e in errors[:3]])  # fmt: skip
+            log.log(
+                20 if up else 40, event, ems=ems, errors=[str(e) for e in errors[:3]]
+            )
         self._up[ems] = up
         self._metrics.ems_up.labels(ems=ems).set(int(up))
         self._on_state(ems, up)

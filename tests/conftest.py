@@ -21,7 +21,7 @@ from killswitch.config import (
     SweepConfig,
     TokenConfig,
 )
-from killswitch.ems import EmsClient, connector_for, wire_trace_config
+from killswitch.ems import EmsClient, create_session
 from killswitch.fanout import Fanout
 from killswitch.metrics import Metrics
 from killswitch.sim import Simulator, running_simulator
@@ -35,20 +35,20 @@ def _patch_aioresponses() -> None:
 
     Shim until pnuckowski/aioresponses#289 is released; delete it then.
     """
-    import aioresponses.core as core  # noqa: PLC0415
+    import aioresponses.core as core
 
-    original = core.ClientResponse
+    original: Any = getattr(core, "ClientResponse")  # noqa: B009 - not re-exported
     if getattr(original, "_killswitch_shim", False):
         return
 
-    class _ShimResponse(original):  # type: ignore[misc,valid-type]
+    class _ShimResponse(original):  # type: ignore[misc]
         _killswitch_shim = True
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("stream_writer", None)
             super().__init__(*args, **kwargs)
 
-    core.ClientResponse = _ShimResponse
+    setattr(core, "ClientResponse", _ShimResponse)  # noqa: B010 - not re-exported
 
 
 _patch_aioresponses()
@@ -92,30 +92,49 @@ def make_config(
     fields: dict[str, Any] = {
         "ems": {
             "default": EmsConfig(
-                name="default", base_url=base_url, api_key=api_key,
+                name="default",
+                base_url=base_url,
+                api_key=api_key,
                 timeout_seconds=timeout_seconds,
             )
         },
         "accounts": tuple(AccountConfig(exchange_id=a) for a in accounts),
         "retry": retry
-        or RetryConfig(max_attempts=6, backoff_initial_seconds=0.001,
-                       backoff_max_seconds=0.001, max_attempts_other=2),
+        or RetryConfig(
+            max_attempts=6,
+            backoff_initial_seconds=0.001,
+            backoff_max_seconds=0.001,
+            max_attempts_other=2,
+        ),
         "sweep": sweep
-        or SweepConfig(deadline_seconds=5.0, verify=True, verify_attempts=3,
-                       resweep_interval_seconds=0),
+        or SweepConfig(
+            deadline_seconds=5.0,
+            verify=True,
+            verify_attempts=3,
+            resweep_interval_seconds=0,
+        ),
         "api": ApiConfig(
-            host="127.0.0.1", port=0,
+            host="127.0.0.1",
+            port=0,
             tokens=(
-                TokenConfig(name="risk", token="trip-token-abc", permissions=frozenset({"trip"})),
-                TokenConfig(name="oncall", token="oncall-token-xyz",
-                            permissions=frozenset({"trip", "reset", "status"})),
-                TokenConfig(name="viewer", token="status-token-123",
-                            permissions=frozenset({"status"})),
+                TokenConfig(
+                    name="risk", token="trip-token-abc", permissions=frozenset({"trip"})
+                ),
+                TokenConfig(
+                    name="oncall",
+                    token="oncall-token-xyz",
+                    permissions=frozenset({"trip", "reset", "status"}),
+                ),
+                TokenConfig(
+                    name="viewer",
+                    token="status-token-123",
+                    permissions=frozenset({"status"}),
+                ),
             ),
         ),
         "state_dir": tmp_path / "state",
         "halt_file": tmp_path / "halted",
-    }  # fmt: skip
+    }
     fields.update(overrides)
     return Config(**fields)
 
@@ -135,9 +154,7 @@ def metrics(registry: CollectorRegistry) -> Metrics:
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     """The daemon's kind of client session: pooled, traced."""
-    async with aiohttp.ClientSession(
-        connector=connector_for(len(ACCOUNTS)), trace_configs=[wire_trace_config()]
-    ) as s:
+    async with create_session(len(ACCOUNTS), 5.0) as s:
         yield s
 
 
@@ -154,7 +171,9 @@ def client(session: aiohttp.ClientSession, config: Config) -> EmsClient:
 
 
 @pytest.fixture
-async def fanout(client: EmsClient, config: Config, metrics: Metrics) -> AsyncIterator[Fanout]:
+async def fanout(
+    client: EmsClient, config: Config, metrics: Metrics
+) -> AsyncIterator[Fanout]:
     """A Fanout on the simulator, drained at the end of the test."""
     async with Fanout(client, config.retry, config.sweep, metrics) as f:
         yield f

@@ -28,28 +28,56 @@ def free_port() -> int:
         return port
 
 
-def write_config(path: Path, base_url: str, accounts: tuple[str, ...], **overrides: Any) -> dict[str, Any]:
+def write_config(
+    path: Path, base_url: str, accounts: tuple[str, ...], **overrides: Any
+) -> dict[str, Any]:
     """A YAML config for the real daemon; `overrides` replace top-level sections."""
     doc: dict[str, Any] = {
-        "ems": {"default": {"base_url": base_url, "api_key_env": "TEST_COINAPI_KEY",
-                            "timeout_seconds": 1.0}},
+        "ems": {
+            "default": {
+                "base_url": base_url,
+                "api_key_env": "TEST_COINAPI_KEY",
+                "timeout_seconds": 1.0,
+            }
+        },
         "accounts": list(accounts),
-        "retry": {"max_attempts": 6, "backoff_initial_seconds": 0.01,
-                  "backoff_max_seconds": 0.05, "max_attempts_other": 2},
-        "sweep": {"deadline_seconds": 5.0, "verify": True, "verify_attempts": 3,
-                  "resweep_interval_seconds": 0},
-        "api": {"listen": f"127.0.0.1:{free_port()}", "max_body_bytes": 65536,
-                "tokens": [
-                    {"name": "risk", "token_env": "TEST_TRIP_TOKEN", "permissions": ["trip"]},
-                    {"name": "oncall", "token_env": "TEST_ONCALL_TOKEN",
-                     "permissions": ["trip", "reset", "status"]},
-                ]},
-        "triggers": {"signal": True, "alertmanager": {"match": {"severity": "critical"}},
-                     "grafana": {"match": {}}},
+        "retry": {
+            "max_attempts": 6,
+            "backoff_initial_seconds": 0.01,
+            "backoff_max_seconds": 0.05,
+            "max_attempts_other": 2,
+        },
+        "sweep": {
+            "deadline_seconds": 5.0,
+            "verify": True,
+            "verify_attempts": 3,
+            "resweep_interval_seconds": 0,
+        },
+        "api": {
+            "listen": f"127.0.0.1:{free_port()}",
+            "max_body_bytes": 65536,
+            "tokens": [
+                {
+                    "name": "risk",
+                    "token_env": "TEST_TRIP_TOKEN",
+                    "permissions": ["trip"],
+                },
+                {
+                    "name": "oncall",
+                    "token_env": "TEST_ONCALL_TOKEN",
+                    "permissions": ["trip", "reset", "status"],
+                },
+            ],
+        },
+        "triggers": {
+            "signal": True,
+            "alertmanager": {"match": {"severity": "critical"}},
+            "grafana": {"match": {}},
+        },
         "state_dir": str(path.parent / "state"),
         "halt_file": str(path.parent / "halted"),
         "log": {"format": "json", "level": "info"},
-    }  # fmt: skip
+    }
     doc.update(overrides)
     path.write_text(yaml.safe_dump(doc))
     return doc
@@ -77,9 +105,18 @@ class DaemonProcess:
         """Start the process (output to a log file we read back)."""
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "killswitch", "run", "-c", str(self.config_path)],
-                stdout=out, stderr=subprocess.STDOUT, env=self._env,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "killswitch",
+                    "run",
+                    "-c",
+                    str(self.config_path),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+            )
         return self
 
     @property
@@ -101,7 +138,9 @@ class DaemonProcess:
         return self.log_path.read_text()
 
     async def wait_for(
-        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout_seconds: float = 10.0
+        self,
+        predicate: Callable[[list[dict[str, Any]]], bool],
+        timeout_seconds: float = 10.0,
     ) -> list[dict[str, Any]]:
         """Poll the log (bounded) until `predicate(events)` holds."""
         deadline = time.monotonic() + timeout_seconds
@@ -113,15 +152,23 @@ class DaemonProcess:
                 msg = f"daemon exited {self.proc.returncode}:\n{self.output()[-3000:]}"
                 raise AssertionError(msg)
             await asyncio.sleep(POLL_SECONDS)
-        msg = f"condition not met within {timeout_seconds}s; log:\n{self.output()[-3000:]}"
+        tail = self.output()[-3000:]
+        msg = f"condition not met within {timeout_seconds}s; log:\n{tail}"
         raise AssertionError(msg)
 
-    async def wait_for_event(self, event: str, count: int = 1, timeout_seconds: float = 10.0,
-                             **fields: Any) -> list[dict[str, Any]]:
-        """Wait until `count` log lines with this event (and fields) exist; return them."""
+    async def wait_for_event(
+        self, event: str, count: int = 1, timeout_seconds: float = 10.0, **fields: Any
+    ) -> list[dict[str, Any]]:
+        """Wait for `count` log lines with this event (and fields); return them."""
+
         def matching(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return [e for e in events if e.get("event") == event
-                    and all(e.get(k) == v for k, v in fields.items())]
+            return [
+                e
+                for e in events
+                if e.get("event") == event
+                and all(e.get(k) == v for k, v in fields.items())
+            ]
+
         await self.wait_for(lambda evs: len(matching(evs)) >= count, timeout_seconds)
         return matching(self.events())
 
@@ -153,13 +200,27 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
 
-    async def request(self, method: str, path: str, *, token: str | None = None,
-                      json_body: Any = None, data: bytes | None = None) -> tuple[int, Any]:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        json_body: Any = None,
+        data: bytes | None = None,
+    ) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with aiohttp.ClientSession() as session, session.request(
-            method, self.api + path, headers=headers, json=json_body, data=data,
-            timeout=aiohttp.ClientTimeout(total=10),
-        ) as resp:  # fmt: skip
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                method,
+                self.api + path,
+                headers=headers,
+                json=json_body,
+                data=data,
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as resp,
+        ):
             body = await resp.read()
             try:
                 return resp.status, json.loads(body)

@@ -18,7 +18,9 @@ StartDaemon = Callable[..., DaemonProcess]
 
 
 @pytest.fixture
-async def start_daemon(ems_sim: RunningSim, tmp_path: Path) -> AsyncIterator[StartDaemon]:
+async def start_daemon(
+    ems_sim: RunningSim, tmp_path: Path
+) -> AsyncIterator[StartDaemon]:
     """Start real daemons on the simulator; every one is stopped at teardown."""
     started: list[DaemonProcess] = []
     config_path = tmp_path / "killswitch.yaml"
@@ -36,14 +38,17 @@ async def start_daemon(ems_sim: RunningSim, tmp_path: Path) -> AsyncIterator[Sta
 
 
 def cancels(sim: RunningSim, account: str | None = None) -> list[Any]:
-    return [r for r in sim.sim.requests
-            if r.path == CANCEL and (account is None or r.exchange_id == account)]  # fmt: skip
+    return [
+        r
+        for r in sim.sim.requests
+        if r.path == CANCEL and (account is None or r.exchange_id == account)
+    ]
 
 
 async def test_sigusr1_cancels_every_account_exactly_once(
     ems_sim: RunningSim, start_daemon: StartDaemon
 ) -> None:
-    """SIGUSR1: each account gets exactly one spec-valid cancel-all, then is verified flat."""
+    """SIGUSR1: each account gets exactly one spec-valid cancel-all, then flat."""
     daemon = start_daemon()
     await daemon.wait_ready()
     daemon.send(signal.SIGUSR1)
@@ -68,21 +73,31 @@ async def test_sigusr1_cancels_every_account_exactly_once(
 async def test_response_timeouts_are_retried_without_delaying_other_accounts(
     ems_sim: RunningSim, start_daemon: StartDaemon
 ) -> None:
-    """Two leading EXCHANGE_RESPONSE_TIMEOUT: 3 attempts there; the rest go out first."""
-    daemon = start_daemon(retry={"max_attempts": 6, "backoff_initial_seconds": 0.2,
-                                 "backoff_max_seconds": 0.2})  # fmt: skip
+    """Two leading response timeouts: 3 attempts there; the rest go out first."""
+    daemon = start_daemon(
+        retry={
+            "max_attempts": 6,
+            "backoff_initial_seconds": 0.2,
+            "backoff_max_seconds": 0.2,
+        }
+    )
     await daemon.wait_ready()
-    ems_sim.sim.fail_next("KRAKEN/JOHN", 2, status=200,
-                          reject_reason="EXCHANGE_RESPONSE_TIMEOUT")  # fmt: skip
+    ems_sim.sim.fail_next(
+        "KRAKEN/JOHN", 2, status=200, reject_reason="EXCHANGE_RESPONSE_TIMEOUT"
+    )
     daemon.send(signal.SIGUSR1)
     await daemon.wait_for_event("fanout_finished")
     kraken = cancels(ems_sim, "KRAKEN/JOHN")
     assert len(kraken) == 3
     others = [r for r in cancels(ems_sim) if r.exchange_id != "KRAKEN/JOHN"]
-    assert sorted(r.exchange_id for r in others) == sorted(set(ACCOUNTS) - {"KRAKEN/JOHN"})
+    assert sorted(r.exchange_id for r in others) == sorted(
+        set(ACCOUNTS) - {"KRAKEN/JOHN"}
+    )
     # every other account's cancel-all was received before Kraken's first retry
     assert max(r.received_monotonic for r in others) < kraken[1].received_monotonic
-    attempts = await daemon.wait_for_event("cancel_all_attempted", 3, account="KRAKEN/JOHN")
+    attempts = await daemon.wait_for_event(
+        "cancel_all_attempted", 3, account="KRAKEN/JOHN"
+    )
     assert [a["attempt"] for a in attempts] == [1, 2, 3]
     assert [a["outcome"] for a in attempts] == ["retryable_reject"] * 2 + ["accepted"]
 
@@ -100,8 +115,10 @@ async def test_bad_request_and_bad_key_are_not_retried(
     assert (done["ok"], done["failed"]) == (2, 2)
     assert len(cancels(ems_sim, "COINBASE")) == 1
     assert len(cancels(ems_sim, "BITSTAMP/2574")) == 1
-    failed = {e["account"]: e["outcome"]
-              for e in await daemon.wait_for_event("account_not_flat", 2)}  # fmt: skip
+    failed = {
+        e["account"]: e["outcome"]
+        for e in await daemon.wait_for_event("account_not_flat", 2)
+    }
     assert failed == {"COINBASE": "rejected", "BITSTAMP/2574": "auth_error"}
 
 
@@ -110,11 +127,20 @@ async def test_hung_account_times_out_and_is_retried_within_deadline(
 ) -> None:
     """A hung account is timed out, retried, and given up on at the sweep deadline."""
     daemon = start_daemon(
-        ems={"default": {"base_url": ems_sim.base_url, "api_key_env": "TEST_COINAPI_KEY",
-                         "timeout_seconds": 0.3}},
-        sweep={"deadline_seconds": 1.5, "verify": True, "verify_attempts": 1,
-               "resweep_interval_seconds": 0},
-    )  # fmt: skip
+        ems={
+            "default": {
+                "base_url": ems_sim.base_url,
+                "api_key_env": "TEST_COINAPI_KEY",
+                "timeout_seconds": 0.3,
+            }
+        },
+        sweep={
+            "deadline_seconds": 1.5,
+            "verify": True,
+            "verify_attempts": 1,
+            "resweep_interval_seconds": 0,
+        },
+    )
     await daemon.wait_ready()
     ems_sim.sim.set_fault("BINANCE", hang=True)
     daemon.send(signal.SIGUSR1)
@@ -130,7 +156,7 @@ async def test_hung_account_times_out_and_is_retried_within_deadline(
 async def test_orders_surviving_cancel_are_recancelled_until_flat(
     ems_sim: RunningSim, start_daemon: StartDaemon
 ) -> None:
-    """Orders that survive one cancel-all are re-cancelled; status shows the account flat."""
+    """Orders surviving one cancel-all are re-cancelled; status shows it flat."""
     daemon = start_daemon()
     await daemon.wait_ready()
     ems_sim.sim.set_fault("KRAKEN/JOHN", survive_cancels=1)
@@ -148,11 +174,15 @@ async def test_orders_surviving_cancel_are_recancelled_until_flat(
 async def test_restart_with_tripped_state_sweeps_again_without_a_trigger(
     ems_sim: RunningSim, start_daemon: StartDaemon
 ) -> None:
-    """A latched trip survives a restart: the new process sweeps at start-up (source startup)."""
+    """A latched trip survives a restart: the new process sweeps at start-up."""
     first = start_daemon()
     await first.wait_ready()
-    status, _ = await first.request("POST", "/v1/trip", token=SECRETS["TEST_TRIP_TOKEN"],
-                                    json_body={"reason": "x", "accounts": ["COINBASE"]})  # fmt: skip
+    status, _ = await first.request(
+        "POST",
+        "/v1/trip",
+        token=SECRETS["TEST_TRIP_TOKEN"],
+        json_body={"reason": "x", "accounts": ["COINBASE"]},
+    )
     assert status == 202
     await first.wait_for_event("fanout_finished")
     first.send(signal.SIGTERM)
@@ -182,7 +212,9 @@ async def test_corrupt_state_file_means_every_account_tripped(
     [done] = await daemon.wait_for_event("fanout_finished", source="startup")
     assert done["ok"] == len(ACCOUNTS)
     assert sorted(r.exchange_id for r in cancels(ems_sim)) == sorted(ACCOUNTS)
-    _, body = await daemon.request("GET", "/v1/status", token=SECRETS["TEST_ONCALL_TOKEN"])
+    _, body = await daemon.request(
+        "GET", "/v1/status", token=SECRETS["TEST_ONCALL_TOKEN"]
+    )
     assert sorted(body["tripped_accounts"]) == sorted(ACCOUNTS)
 
 
@@ -200,8 +232,11 @@ async def test_sigterm_lets_a_slow_cancel_complete_then_exits_zero(
     daemon.send(signal.SIGTERM)
     assert await daemon.wait_exit() == 0
     events = [e["event"] for e in daemon.events()]
-    [slow] = [e for e in daemon.events()
-              if e.get("event") == "cancel_all_attempted" and e["account"] == "COINBASE"]  # fmt: skip
+    [slow] = [
+        e
+        for e in daemon.events()
+        if e.get("event") == "cancel_all_attempted" and e["account"] == "COINBASE"
+    ]
     assert slow["outcome"] == "accepted"
     assert events.index("shutdown_requested") < events.index("stopped")
     assert ems_sim.sim.open_orders("COINBASE") == []

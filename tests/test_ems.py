@@ -47,7 +47,11 @@ async def test_cancel_all_accepted_sends_spec_request_and_empties_book(
     ],
 )
 async def test_cancel_all_transient_answers_raise_unavailable(
-    ems_sim: RunningSim, client: EmsClient, status: int, reason: str | None, outcome: str
+    ems_sim: RunningSim,
+    client: EmsClient,
+    status: int,
+    reason: str | None,
+    outcome: str,
 ) -> None:
     """Retryable rows of the table raise EmsUnavailableError with the right outcome."""
     ems_sim.sim.fail_next(ACCOUNT, 1, status=status, reject_reason=reason)
@@ -81,7 +85,11 @@ async def test_cancel_all_429_carries_retry_after(
     ],
 )
 async def test_cancel_all_final_answers_raise_rejected(
-    ems_sim: RunningSim, client: EmsClient, status: int, reason: str | None, outcome: str
+    ems_sim: RunningSim,
+    client: EmsClient,
+    status: int,
+    reason: str | None,
+    outcome: str,
 ) -> None:
     """Non-retryable rows of the table raise EmsRejectedError with the right outcome."""
     ems_sim.sim.fail_next(ACCOUNT, 1, status=status, reject_reason=reason)
@@ -95,7 +103,9 @@ async def test_cancel_all_wrong_api_key_is_auth_error(
     ems_sim: RunningSim, session: aiohttp.ClientSession
 ) -> None:
     """The simulator's own key check answers 401, classified auth_error."""
-    ems = {"default": EmsConfig(name="default", base_url=ems_sim.base_url, api_key="wrong")}
+    ems = {
+        "default": EmsConfig(name="default", base_url=ems_sim.base_url, api_key="wrong")
+    }
     client = EmsClient(session, ems, (AccountConfig(exchange_id=ACCOUNT),))
     with pytest.raises(EmsRejectedError) as info:
         await client.cancel_all(ACCOUNT)
@@ -103,7 +113,9 @@ async def test_cancel_all_wrong_api_key_is_auth_error(
     assert "wrong" not in str(info.value)
 
 
-async def test_cancel_all_hang_times_out(ems_sim: RunningSim, client: EmsClient) -> None:
+async def test_cancel_all_hang_times_out(
+    ems_sim: RunningSim, client: EmsClient
+) -> None:
     """A hung exchange is a client timeout, retryable."""
     ems_sim.sim.set_fault(ACCOUNT, hang=True)
     with pytest.raises(EmsUnavailableError) as info:

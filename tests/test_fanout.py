@@ -21,14 +21,18 @@ CANCEL = "/v1/orders/cancel/all"
 
 def trip(accounts: tuple[str, ...] = ACCOUNTS, trip_id: str = "t1") -> Trip:
     return Trip(
-        trip_id=trip_id, source="cli", reason="test", accounts=accounts,
-        seen_monotonic=time.monotonic(), seen_time=time.time(),
-    )  # fmt: skip
+        trip_id=trip_id,
+        source="cli",
+        reason="test",
+        accounts=accounts,
+        seen_monotonic=time.monotonic(),
+        seen_time=time.time(),
+    )
 
 
-def cancels(sim: RunningSim, account: str | None = None) -> list[str | None]:
+def cancels(sim: RunningSim, account: str | None = None) -> list[str]:
     return [
-        r.exchange_id
+        r.exchange_id or ""
         for r in sim.sim.requests
         if r.path == CANCEL and (account is None or r.exchange_id == account)
     ]
@@ -43,10 +47,16 @@ async def test_fanout_cancels_every_account_once_and_verifies_flat(
     assert result.failed == ()
     for account in ACCOUNTS:
         r = result.accounts[account]
-        assert (r.outcome, r.attempts, r.open_orders, r.flat) == ("accepted", 1, 0, True)
-        assert registry.get_sample_value(
-            "killswitch_account_flat", {"account": account}
-        ) == 1
+        assert (r.outcome, r.attempts, r.open_orders, r.flat) == (
+            "accepted",
+            1,
+            0,
+            True,
+        )
+        assert (
+            registry.get_sample_value("killswitch_account_flat", {"account": account})
+            == 1
+        )
     assert result.wire_seconds is not None
     assert registry.get_sample_value("killswitch_sweep_duration_seconds_count") == 1
 
@@ -55,25 +65,34 @@ async def test_fanout_retries_response_timeout_then_succeeds(
     ems_sim: RunningSim, fanout: Fanout, registry: CollectorRegistry
 ) -> None:
     """Two leading EXCHANGE_RESPONSE_TIMEOUT rejects: exactly three attempts there."""
-    ems_sim.sim.fail_next("KRAKEN/JOHN", 2, status=200,
-                          reject_reason="EXCHANGE_RESPONSE_TIMEOUT")  # fmt: skip
+    ems_sim.sim.fail_next(
+        "KRAKEN/JOHN", 2, status=200, reject_reason="EXCHANGE_RESPONSE_TIMEOUT"
+    )
     result = await fanout.sweep(trip())
     assert len(cancels(ems_sim, "KRAKEN/JOHN")) == 3
     assert result.accounts["KRAKEN/JOHN"].attempts == 3
     assert result.accounts["KRAKEN/JOHN"].ok
     for other in set(ACCOUNTS) - {"KRAKEN/JOHN"}:
         assert len(cancels(ems_sim, other)) == 1
-    assert registry.get_sample_value(
-        "killswitch_cancel_retries_total",
-        {"account": "KRAKEN/JOHN", "reason": "retryable_reject"},
-    ) == 2
-    assert registry.get_sample_value(
-        "killswitch_cancel_requests_total",
-        {"account": "KRAKEN/JOHN", "outcome": "retryable_reject"},
-    ) == 2
+    assert (
+        registry.get_sample_value(
+            "killswitch_cancel_retries_total",
+            {"account": "KRAKEN/JOHN", "reason": "retryable_reject"},
+        )
+        == 2
+    )
+    assert (
+        registry.get_sample_value(
+            "killswitch_cancel_requests_total",
+            {"account": "KRAKEN/JOHN", "outcome": "retryable_reject"},
+        )
+        == 2
+    )
 
 
-@pytest.mark.parametrize(("status", "outcome"), [(400, "rejected"), (401, "auth_error")])
+@pytest.mark.parametrize(
+    ("status", "outcome"), [(400, "rejected"), (401, "auth_error")]
+)
 async def test_fanout_does_not_retry_final_answers(
     ems_sim: RunningSim, fanout: Fanout, status: int, outcome: str
 ) -> None:
@@ -100,18 +119,25 @@ async def test_fanout_retries_reject_other_at_most_max_attempts_other(
     assert len(cancels(ems_sim, "BINANCE")) == first_phase
 
 
-async def test_fanout_stops_at_max_attempts(ems_sim: RunningSim, tmp_path: Path,
-                                            session: aiohttp.ClientSession) -> None:
+async def test_fanout_stops_at_max_attempts(
+    ems_sim: RunningSim, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
     """Retries stop at retry.max_attempts when the exchange never recovers."""
     cfg = make_config(
-        ems_sim.base_url, tmp_path,
-        retry=RetryConfig(max_attempts=3, backoff_initial_seconds=0.001,
-                          backoff_max_seconds=0.001),
+        ems_sim.base_url,
+        tmp_path,
+        retry=RetryConfig(
+            max_attempts=3, backoff_initial_seconds=0.001, backoff_max_seconds=0.001
+        ),
         sweep=SweepConfig(deadline_seconds=5, verify=False),
-    )  # fmt: skip
+    )
     ems_sim.sim.fail_next("COINBASE", 10, status=490)
-    async with Fanout(EmsClient(session, cfg.ems, cfg.accounts), cfg.retry, cfg.sweep,
-                      Metrics(CollectorRegistry())) as fanout:  # fmt: skip
+    async with Fanout(
+        EmsClient(session, cfg.ems, cfg.accounts),
+        cfg.retry,
+        cfg.sweep,
+        Metrics(CollectorRegistry()),
+    ) as fanout:
         result = await fanout.sweep(trip(("COINBASE",)))
     assert len(cancels(ems_sim, "COINBASE")) == 3
     assert result.accounts["COINBASE"].outcome == "retryable_reject"
@@ -124,12 +150,18 @@ async def test_fanout_hung_account_is_retried_within_deadline_without_delaying_o
 ) -> None:
     """A hung account times out and is retried; the others finish long before it."""
     cfg = make_config(
-        ems_sim.base_url, tmp_path, timeout_seconds=0.3,
+        ems_sim.base_url,
+        tmp_path,
+        timeout_seconds=0.3,
         sweep=SweepConfig(deadline_seconds=1.0, verify=True, verify_attempts=1),
-    )  # fmt: skip
+    )
     ems_sim.sim.set_fault("BITSTAMP/2574", hang=True)
-    async with Fanout(EmsClient(session, cfg.ems, cfg.accounts), cfg.retry, cfg.sweep,
-                      Metrics(CollectorRegistry())) as fanout:  # fmt: skip
+    async with Fanout(
+        EmsClient(session, cfg.ems, cfg.accounts),
+        cfg.retry,
+        cfg.sweep,
+        Metrics(CollectorRegistry()),
+    ) as fanout:
         started = time.monotonic()
         result = await fanout.sweep(trip())
         elapsed = time.monotonic() - started
@@ -148,7 +180,7 @@ async def test_fanout_hung_account_is_retried_within_deadline_without_delaying_o
 async def test_fanout_recancels_orders_that_survive_until_flat(
     ems_sim: RunningSim, fanout: Fanout
 ) -> None:
-    """Orders that survive one cancel-all are seen by verify, re-cancelled, then flat."""
+    """Orders surviving a cancel-all are seen by verify, re-cancelled, then flat."""
     ems_sim.sim.set_fault("KRAKEN/JOHN", survive_cancels=1)
     result = await fanout.sweep(trip(("KRAKEN/JOHN",)))
     r = result.accounts["KRAKEN/JOHN"]
@@ -166,15 +198,16 @@ async def test_fanout_reports_not_flat_when_orders_keep_surviving(
     r = result.accounts["KRAKEN/JOHN"]
     assert (r.flat, r.open_orders) == (False, 3)
     assert not r.ok
-    assert registry.get_sample_value(
-        "killswitch_open_orders", {"account": "KRAKEN/JOHN"}
-    ) == 3
+    assert (
+        registry.get_sample_value("killswitch_open_orders", {"account": "KRAKEN/JOHN"})
+        == 3
+    )
 
 
 async def test_fanout_coalesces_trips_per_account_without_overlap(
     ems_sim: RunningSim, fanout: Fanout
 ) -> None:
-    """Trips during a sweep fold into one follow-up sweep; never two requests at once."""
+    """Trips during a sweep fold into one follow-up; never two requests at once."""
     ems_sim.sim.set_fault("BINANCE", delay_seconds=0.2)
     first = fanout.submit(trip(("BINANCE",), "a"))[0]
     await ems_sim.sim.wait_for_requests(lambda rs: len(rs) >= 1)

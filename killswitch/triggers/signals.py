@@ -37,7 +37,7 @@ class SignalTrigger:
         self._armed = True
 
     async def run(self) -> None:
-        """Keep SIGUSR1 handled until cancelled; the handler is removed on the way out."""
+        """Keep SIGUSR1 handled until cancelled; remove the handler on the way out."""
         if not self._armed:
             self.arm()
         loop = asyncio.get_running_loop()
