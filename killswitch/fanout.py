@@ -63,6 +63,7 @@ class AccountResult:
     error: str | None = None
     duration_seconds: float = 0.0
     trip_id: str = ""
+    cancelled_monotonic: float = 0.0  # when the cancel phase (before verify) ended
 
     @property
     def ok(self) -> bool:
@@ -78,6 +79,8 @@ class SweepResult:
     accounts: dict[str, AccountResult] = field(default_factory=dict)
     duration_seconds: float = 0.0
     wire_seconds: float | None = None  # trip seen -> last first attempt written
+    wire_monotonic: float | None = None
+    cancelled_monotonic: float | None = None  # last account's cancel-all answered
 
     @property
     def ok(self) -> tuple[str, ...]:
@@ -214,7 +217,12 @@ class Fanout:
         result = progress.result
         trip = progress.trip
         result.duration_seconds = self._clock() - trip.seen_monotonic
+        if result.accounts:
+            result.cancelled_monotonic = max(
+                r.cancelled_monotonic for r in result.accounts.values()
+            )
         if progress.last_wire is not None:
+            result.wire_monotonic = progress.last_wire
             result.wire_seconds = progress.last_wire - trip.seen_monotonic
             self._metrics.trigger_to_wire.labels(source=trip.source).observe(
                 result.wire_seconds
@@ -242,6 +250,7 @@ class Fanout:
             attempts=attempts,
             error=error,
             trip_id=trip_id,
+            cancelled_monotonic=self._clock(),
         )
         if self.sweep_cfg.verify:
             await self._verify(account, deadline, result)

@@ -208,6 +208,11 @@ class Switch:
             "wire_ms": None
             if result.wire_seconds is None
             else round(result.wire_seconds * 1000, 3),
+            # CLOCK_MONOTONIC is shared between processes: benchmarks line these
+            # up with the moment they sent the trigger and the EMS received it.
+            "seen_monotonic": trip.seen_monotonic,
+            "wire_monotonic": result.wire_monotonic,
+            "cancelled_monotonic": result.cancelled_monotonic,
         }
         log.info("fanout_finished", **summary)
         self._audit.append(
