@@ -188,6 +188,8 @@ class Fanout:
             if account not in self._running and self._accepting:
                 # Written here, synchronously, when the account's warm line is ready.
                 fired = self.ems.fire(account)
+                if fired is not None:
+                    progress.mark_wired(account, fired.written_monotonic)
                 self._running[account] = self._tg.create_task(
                     self._account_worker(account, fired), name=f"fanout.{account}"
                 )

@@ -117,10 +117,28 @@ class Persister:
         self._stopping = False
         self.last_error: str | None = None
         self.saves = 0
+        # Generations let a caller learn when the state it changed is durable.
+        self._requested_generation = 0
+        self._saved_generation = 0
+        self._saved = asyncio.Condition()
 
-    def request_save(self) -> None:
-        """Ask for the current state to be written soon; never blocks."""
+    def request_save(self) -> int:
+        """Ask for the current state to be written soon; never blocks.
+
+        Returns the generation to pass to `wait_saved`.
+        """
+        self._requested_generation += 1
         self._dirty.set()
+        return self._requested_generation
+
+    async def wait_saved(self, generation: int, timeout_seconds: float) -> bool:
+        """True once a write covering `generation` succeeded; False on timeout."""
+        try:
+            async with asyncio.timeout(timeout_seconds), self._saved:
+                await self._saved.wait_for(lambda: self._saved_generation >= generation)
+        except TimeoutError:
+            return False
+        return True
 
     async def __aenter__(self) -> Persister:
         await self._tg.__aenter__()
@@ -141,7 +159,12 @@ class Persister:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            generation = self._requested_generation
             ok = await asyncio.to_thread(self._write, self._snapshot())
+            if ok:
+                async with self._saved:
+                    self._saved_generation = generation
+                    self._saved.notify_all()
             if self._stopping:
                 return
             if not ok:

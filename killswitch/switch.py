@@ -1,9 +1,10 @@
 """Switch: latch, coalesce, hand accounts to Fanout; what every trigger calls.
 
 `trip()` is synchronous and does only in-memory work before the cancel-alls
-are handed to Fanout. Logging, the audit record and persistence follow from a
-recorder task once the requests are on the wire (bounded wait), so disk and
-stdout never sit between a trigger and the exchange.
+are handed to Fanout, which writes each first cancel-all on its warm line right
+there. Persistence is requested next (a worker thread writes it). The log line
+and the audit record follow from a recorder task once every request is on the
+wire (bounded wait), so stdout never sits between a trigger and the exchange.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from killswitch.triggers import TripRequest
 
 log = structlog.get_logger()
 
-# How long the recorder holds back the log line and the state write so that
-# the cancel-alls go out first. Bounded: a hung connect never delays persistence.
+# How long the recorder holds back the log line and the audit record so that
+# cancel-alls sent through the session (no warm line) go out first.
 WIRE_WAIT_SECONDS = 0.05
 
 
@@ -41,6 +42,7 @@ class TripReceipt:
     accounts: tuple[str, ...]
     notes: tuple[str, ...]
     coalesced: tuple[str, ...]  # already being swept: swept again right after
+    save_generation: int  # Persister.wait_saved(...) tells when the trip is durable
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +119,22 @@ class Switch:
                 time=trip.seen_time,
             ),
         )
+        # Warm lines have written every first cancel-all by now: persist at once.
+        generation = self._persister.request_save()
         for account in accounts:
             self._metrics.tripped.labels(account=account).set(1)
         self._metrics.trips.labels(source=trip.source).inc()
         self._metrics.last_trip_timestamp.set(trip.seen_time)
         self._recorded.put_nowait((trip, wired))
-        return TripReceipt(trip.trip_id, accounts, trip.notes, coalesced)
+        return TripReceipt(trip.trip_id, accounts, trip.notes, coalesced, generation)
+
+    async def wait_persisted(
+        self, receipt: TripReceipt, timeout_seconds: float
+    ) -> bool:
+        """True once the trip is on disk (so a restart re-sweeps it)."""
+        return await self._persister.wait_saved(
+            receipt.save_generation, timeout_seconds
+        )
 
     def reset(
         self, accounts: Iterable[str] | None, reason: str, actor: str | None
@@ -179,7 +191,6 @@ class Switch:
                         await wired.wait()
                 except TimeoutError:
                     pass
-            self._persister.request_save()
             fields = _trip_fields(trip)
             log.warning("trip_latched", **fields)
             self._audit.append("trip", **fields)
