@@ -10,21 +10,21 @@ import asyncio
 import json
 import sys
 import time
+import traceback
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from enum import IntEnum
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, NoReturn
 
-import aiohttp
-
 import yaml
+from prometheus_client import CollectorRegistry
 
 from killswitch import __version__
 from killswitch.config import Config, Permission, load_config, redacted
 from killswitch.daemon import Daemon
-from killswitch.ems import EmsClient, connector_for
+from killswitch.ems import EmsClient, create_session
 from killswitch.errors import ConfigError
 from killswitch.fanout import Fanout, SweepResult, Trip, resolve_accounts
 from killswitch.logging import configure_logging
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
 def run(argv: list[str]) -> int:
     """Run one command; returns its exit code."""
     if argv and argv[0] == "ems-sim":
-        from killswitch.sim import run_from_argv  # noqa: PLC0415 - only this command needs it
+        from killswitch.sim import run_from_argv  # only this command needs it
 
         return run_from_argv(argv[1:])
     try:
@@ -118,6 +118,9 @@ def run(argv: list[str]) -> int:
     except _UsageError as exc:
         print(f"killswitch: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    except Exception:  # noqa: BLE001 - a bug: print it whole and exit EX_SOFTWARE
+        traceback.print_exc()
+        return ExitCode.SOFTWARE
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -148,21 +151,17 @@ async def sweep_once(
     chosen, notes = resolve_accounts(accounts, cfg.account_ids)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    async with aiohttp.ClientSession(connector=connector_for(len(chosen))) as session:
+    timeout_seconds = max(e.timeout_seconds for e in cfg.ems.values())
+    async with create_session(len(cfg.accounts), timeout_seconds) as session:
         client = EmsClient(session, cfg.ems, cfg.accounts)
-        async with Fanout(client, cfg.retry, cfg.sweep, Metrics(_registry())) as fanout:
+        metrics = Metrics(CollectorRegistry())
+        async with Fanout(client, cfg.retry, cfg.sweep, metrics) as fanout:
             trip = Trip(
                 trip_id=f"cli-{int(time.time())}", source="cli", reason=reason,
                 accounts=chosen, seen_monotonic=time.monotonic(), seen_time=time.time(),
                 actor="cli", notes=notes,
             )  # fmt: skip
             return await fanout.sweep(trip)
-
-
-def _registry() -> Any:
-    from prometheus_client import CollectorRegistry  # noqa: PLC0415
-
-    return CollectorRegistry()
 
 
 def _print_sweep(result: SweepResult) -> None:
@@ -197,7 +196,7 @@ _PERMISSION_OF: dict[str, Permission] = {
 }
 
 
-def _endpoint(args: argparse.Namespace) -> tuple[str, str | None]:
+def _endpoint(args: argparse.Namespace) -> tuple[str, str]:
     """Base URL and bearer token for a client command."""
     permission = _PERMISSION_OF[args.command]
     url: str | None = args.url
@@ -205,40 +204,59 @@ def _endpoint(args: argparse.Namespace) -> tuple[str, str | None]:
     if args.token_file is not None:
         try:
             token = args.token_file.read_text().strip()
-        except OSError as exc:
-            msg = f"--token-file {args.token_file}: {exc.strerror or exc}"
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            msg = f"--token-file {args.token_file}: {reason}"
             raise _UsageError(msg) from exc
+        if not token:
+            msg = f"--token-file {args.token_file}: the file is empty"
+            raise _UsageError(msg)
     if args.config is not None:
         cfg = load_config(args.config)
         if url is None:
-            host = (
-                cfg.api.host if cfg.api.host not in ("0.0.0.0", "::") else "127.0.0.1"
-            )  # noqa: S104
-            host = f"[{host}]" if ":" in host else host
-            url = f"http://{host}:{cfg.api.port}"
+            url = _daemon_url(cfg.api.host, cfg.api.port)
         if token is None:
             token = next(
                 (t.token for t in cfg.api.tokens if permission in t.permissions), None
             )
             if token is None:
-                msg = f"{args.config}: no api.tokens entry has the {permission!r} permission"
+                msg = (
+                    f"{args.config}: no api.tokens entry has the {permission!r} "
+                    f"permission that {args.command} needs"
+                )
                 raise _UsageError(msg)
     if url is None:
-        msg = "give -c FILE, or --url (with --token-file)"
+        msg = "give -c FILE, or --url URL with --token-file FILE"
+        raise _UsageError(msg)
+    if token is None:
+        msg = f"--url needs --token-file (a token with the {permission!r} permission)"
         raise _UsageError(msg)
     return url.rstrip("/"), token
 
 
-def _request(
-    url: str, token: str | None, method: str, body: dict[str, Any] | None
-) -> Any:
+def _daemon_url(host: str, port: int) -> str:
+    # A wildcard listen address is reached through loopback.
+    wildcards = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
+    host = wildcards.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class _BadAnswerError(Exception):
+    """The daemon's URL answered with something that is not our JSON."""
+
+
+def _request(url: str, token: str, method: str, body: dict[str, Any] | None) -> Any:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - our own daemon's URL
     request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
+    request.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(request, timeout=CLIENT_TIMEOUT_SECONDS) as resp:  # noqa: S310
-        return json.loads(resp.read() or b"null")
+        raw = resp.read()
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        msg = f"{url} did not answer JSON: is that the killswitch daemon?"
+        raise _BadAnswerError(msg) from exc
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -267,11 +285,15 @@ def _client(args: argparse.Namespace) -> int:
         reason = getattr(exc, "reason", exc)
         print(f"killswitch: daemon unreachable at {base}: {reason}", file=sys.stderr)
         if command == "trip":
+            config = args.config if args.config is not None else "CONFIG"
             print(
                 "killswitch: to cancel without the daemon, run:\n"
-                f"  killswitch sweep -c CONFIG --reason {json.dumps(args.reason)}",
+                f"  killswitch sweep -c {config} --reason {json.dumps(args.reason)}",
                 file=sys.stderr,
             )
+        return ExitCode.FAILURE
+    except _BadAnswerError as exc:
+        print(f"killswitch: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
     if command == "trip":
         print(f"tripped: trip_id={doc['trip_id']} accounts={','.join(doc['accounts'])}")
@@ -301,3 +323,8 @@ def _print_status(doc: dict[str, Any]) -> None:
             "-" if a["open_orders"] is None else str(a["open_orders"]), flat,
         ))  # fmt: skip
     _print_table(rows)
+    if doc.get("halt_file"):
+        print(f"halt file: {doc['halt_file']}")
+    for key in ("persistence_error", "audit_error"):
+        if doc.get(key):
+            print(f"WARNING {key.replace('_', ' ')}: {doc[key]}")

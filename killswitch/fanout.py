@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 import structlog
+from structlog.contextvars import bound_contextvars
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -204,7 +205,9 @@ class Fanout:
         try:
             while waiters := self._waiting.pop(account, None):
                 fired = fired or self.ems.fire(account)
-                result = await self._sweep_account(account, waiters, fired)
+                # Task-local: every log line of this run carries the trip id.
+                with bound_contextvars(trip_id=waiters[-1].trip.trip_id):
+                    result = await self._sweep_account(account, waiters, fired)
                 fired = None
                 self.last_results[account] = result
                 for progress in waiters:

@@ -13,15 +13,18 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from killswitch.config import Config
 from killswitch.metrics import Metrics
 from killswitch.switch import Switch
+from killswitch.triggers.alerts import MAX_REASON_CHARS
 from killswitch.triggers.webhook import (
     CONFIG_KEY,
     REPLAY_GUARD_KEY,
     SWITCH_KEY,
+    UnreadableBodyError,
     authorize,
     handle_alertmanager,
     handle_grafana,
     handle_trip,
     json_error,
+    read_body,
 )
 
 log = structlog.get_logger()
@@ -44,7 +47,7 @@ READINESS_KEY = web.AppKey("readiness", Readiness)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 _ERROR_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 413: "payload_too_large",
+    405: "method_not_allowed", 413: "payload_too_large", 500: "internal_error",
 }  # fmt: skip
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -64,10 +67,49 @@ async def _errors_and_counts(
             raise
         code = _ERROR_CODES.get(exc.status, "error")
         response = json_error(exc.status, code, exc.reason)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+    except Exception:
+        # A bug in one request's handling must not take the kill switch down with
+        # it: say so loudly, answer 500, keep serving every other request.
+        log.exception("http_request_failed", endpoint=endpoint)
+        response = json_error(500, "internal_error", "see the daemon log")
     request.app[METRICS_KEY].http_requests.labels(
         endpoint=endpoint, code=str(response.status)
     ).inc()
     return response
+
+
+def _parse_reset_body(
+    body: bytes, known: tuple[str, ...]
+) -> tuple[str, list[str] | None] | str:
+    """(reason, accounts) from a /v1/reset body, or what is wrong with it."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):
+        return "body must be a JSON object with 'reason'"
+    unknown_keys = sorted(str(k) for k in doc if k not in ("reason", "accounts"))
+    if unknown_keys:
+        return f"unknown keys {unknown_keys[:10]}"
+    reason = doc.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        return "'reason' must be a non-empty string"
+    accounts = doc.get("accounts")
+    if accounts is None:
+        return reason.strip()[:MAX_REASON_CHARS], None
+    if (
+        not isinstance(accounts, list)
+        or not accounts
+        or not all(isinstance(a, str) for a in accounts)
+    ):
+        return "'accounts' must be a non-empty list of strings (omit it for all)"
+    # A typo must not silently reset nothing (or something else): refuse it.
+    unknown = [a for a in accounts if a not in known]
+    if unknown:
+        return f"unknown accounts {unknown[:10]}"
+    return reason.strip()[:MAX_REASON_CHARS], accounts
 
 
 async def handle_reset(request: web.Request) -> web.Response:
@@ -77,31 +119,14 @@ async def handle_reset(request: web.Request) -> web.Response:
         return who
     switch = request.app[SWITCH_KEY]
     try:
-        doc = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        return json_error(
-            400, "bad_request", "body must be a JSON object with 'reason'"
-        )
-    if not isinstance(doc, dict):
-        return json_error(
-            400, "bad_request", "body must be a JSON object with 'reason'"
-        )
-    reason = doc.get("reason")
-    if not isinstance(reason, str) or not reason.strip():
-        return json_error(400, "bad_request", "'reason' must be a non-empty string")
-    accounts = doc.get("accounts")
-    if accounts is not None:
-        if not isinstance(accounts, list) or not all(
-            isinstance(a, str) for a in accounts
-        ):
-            return json_error(
-                400, "bad_request", "'accounts' must be a list of strings"
-            )
-        # A typo must not silently reset nothing (or something else): refuse it.
-        unknown = [a for a in accounts if a not in switch.latch.accounts]
-        if unknown:
-            return json_error(400, "bad_request", f"unknown accounts {unknown}")
-    receipt = switch.reset(accounts, reason.strip(), who)
+        body = await read_body(request)
+    except UnreadableBodyError as exc:
+        return json_error(exc.status, exc.code, exc.detail)
+    parsed = _parse_reset_body(body, switch.latch.accounts)
+    if isinstance(parsed, str):
+        return json_error(400, "bad_request", parsed)
+    reason, accounts = parsed
+    receipt = switch.reset(accounts, reason, who)
     return web.json_response(
         {
             "reset": list(receipt.reset),

@@ -6,6 +6,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from killswitch import __version__
 
+# Label values created at 0 up front. A series born at 1 hides its first event
+# from increase()/rate(), so the first-ever auth error or trip would never alert.
+TRIP_SOURCES = (
+    "signal", "webhook", "alertmanager", "grafana", "pnl", "startup", "resweep", "cli",
+)  # fmt: skip
+CANCEL_OUTCOMES = (
+    "accepted", "retryable_reject", "timeout", "http_error", "network_error",
+    "rejected", "auth_error",
+)  # fmt: skip
+RETRY_REASONS = (
+    "retryable_reject",
+    "timeout",
+    "http_error",
+    "network_error",
+    "rejected",
+)
+WRITTEN_FILES = ("state", "halt_file", "audit")
+
 # Resolve milliseconds on the hot path (0.5 ms) up to a whole sweep deadline (30 s).
 LATENCY_BUCKETS_SECONDS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075,
@@ -91,12 +109,25 @@ class Metrics:
         self.build_info.labels(version=__version__).set(1)
         # Failures that never stop a sweep but must be visible (SPEC: "counted").
         self.state_write_errors = Counter(
-            "killswitch_state_write_errors", "Failed writes of state, halt file or audit",
+            "killswitch_state_write_errors", "Failed writes: state, halt file, audit",
             ["file"], registry=registry,
         )  # fmt: skip
+        for source in TRIP_SOURCES:
+            self.trips.labels(source=source)
+        for file in WRITTEN_FILES:
+            self.state_write_errors.labels(file=file)
 
     def declare_accounts(self, accounts: tuple[str, ...]) -> None:
-        """Create the per-account series at 0 so dashboards see every account."""
+        """Create the per-account series at 0 so dashboards and alerts see every one."""
         for account in accounts:
             self.tripped.labels(account=account).set(0)
             self.cancel_request_duration.labels(account=account)
+            for outcome in CANCEL_OUTCOMES:
+                self.cancel_requests.labels(account=account, outcome=outcome)
+            for reason in RETRY_REASONS:
+                self.cancel_retries.labels(account=account, reason=reason)
+
+    def declare_watchers(self, watchers: tuple[str, ...]) -> None:
+        """Create each PnL watcher's error counter at 0 (its gauges wait for a read)."""
+        for watcher in watchers:
+            self.pnl_read_errors.labels(watcher=watcher)

@@ -10,9 +10,12 @@ from killswitch.errors import TriggerError
 from killswitch.triggers import TripRequest
 
 ACCOUNTS_LABEL = "killswitch_accounts"
+AlertSource = Literal["alertmanager", "grafana"]
+# A reason ends up in the log, the audit record and /v1/status: keep it short.
+MAX_REASON_CHARS = 500
 
 
-def parse_payload(body: bytes, kind: str) -> dict[str, Any]:
+def parse_payload(body: bytes, kind: AlertSource) -> dict[str, Any]:
     """Decode a webhook body into its top-level object.
 
     Raises:
@@ -22,6 +25,9 @@ def parse_payload(body: bytes, kind: str) -> dict[str, Any]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         msg = f"{kind} payload is not JSON: {exc}"
+        raise TriggerError(msg) from exc
+    except RecursionError as exc:  # json's C scanner recurses once per nesting level
+        msg = f"{kind} payload is nested too deeply"
         raise TriggerError(msg) from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("alerts"), list):
         msg = f"{kind} payload has no 'alerts' list"
@@ -36,7 +42,7 @@ def _matches(labels: Mapping[str, Any], match: Mapping[str, str]) -> bool:
 def firing_trip(
     doc: Mapping[str, Any],
     match: Mapping[str, str],
-    source: Literal["alertmanager", "grafana"],
+    source: AlertSource,
     actor: str | None,
 ) -> TripRequest | None:
     """A TripRequest when any firing alert matches, else None (resolved never resets).
@@ -65,10 +71,11 @@ def firing_trip(
             unscoped = True
     if not names:
         return None
+    reason = f"{source} alert firing: {', '.join(sorted(set(names)))}"
     return TripRequest(
         source=source,
-        reason=f"{source} alert firing: {', '.join(sorted(set(names)))}",
+        reason=reason[:MAX_REASON_CHARS],
         accounts=None if unscoped else tuple(dict.fromkeys(scoped)),
         actor=actor,
-        notes=tuple(notes),
+        notes=tuple(notes[:10]),
     )

@@ -1,22 +1,28 @@
-"""aiohttp handlers for the trip webhooks: auth, parse, trip; fail safe on bad bodies."""
+"""aiohttp handlers for the trip webhooks: auth, size limit, parse, trip; fail safe."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from killswitch.config import Config, Permission, TokenConfig
+from killswitch.config import Config, GrafanaConfig, Permission, TokenConfig
 from killswitch.errors import TriggerError
 from killswitch.switch import Switch, TripReceipt
-from killswitch.triggers import TripRequest
-from killswitch.triggers.alerts import firing_trip, parse_payload
+from killswitch.triggers import Source, TripRequest
+from killswitch.triggers.alerts import (
+    MAX_REASON_CHARS,
+    AlertSource,
+    firing_trip,
+    parse_payload,
+)
 
 log = structlog.get_logger()
 
@@ -25,11 +31,58 @@ CONFIG_KEY: web.AppKey[Callable[[], Config]] = web.AppKey("config")
 REPLAY_GUARD_KEY = web.AppKey("replay_guard", dict[str, float])
 GRAFANA_MAX_SKEW_SECONDS = 300.0
 REPLAY_GUARD_MAX_ENTRIES = 10_000
+TRIP_BODY_KEYS = frozenset({"reason", "accounts"})
 
 
 def json_error(status: int, code: str, detail: str) -> web.Response:
     """SPEC's error shape: {"error": CODE, "detail": TEXT}."""
     return web.json_response({"error": code, "detail": detail}, status=status)
+
+
+class UnreadableBodyError(Exception):
+    """The request body cannot be had: over the size limit, or the client left."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, if it is within the current `api.max_body_bytes`.
+
+    The limit is read from the live config, so a reload changes it at once.
+
+    Raises:
+        UnreadableBodyError: the body is over the limit (413), or the connection
+            was lost before all of it arrived (400).
+    """
+    limit = request.app[CONFIG_KEY]().api.max_body_bytes
+    too_large = UnreadableBodyError(
+        413, "payload_too_large", f"body over api.max_body_bytes ({limit} bytes)"
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:  # chunked, so no Content-Length to check first
+                raise too_large
+            chunks.append(chunk)
+    except ConnectionResetError as exc:
+        detail = "connection lost before the whole body arrived"
+        raise UnreadableBodyError(400, "bad_request", detail) from exc
+    return b"".join(chunks)
+
+
+async def _body_or_problem(request: web.Request) -> bytes | UnreadableBodyError:
+    try:
+        return await read_body(request)
+    except UnreadableBodyError as exc:
+        return exc
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -43,7 +96,8 @@ def _bearer(request: web.Request) -> str | None:
 def find_token(tokens: tuple[TokenConfig, ...], presented: str) -> TokenConfig | None:
     """The configured token equal to `presented`, compared in constant time."""
     found = None
-    given = presented.encode()
+    # aiohttp decodes header bytes that are not UTF-8 as surrogates: keep them.
+    given = presented.encode("utf-8", "surrogateescape")
     for token in tokens:
         # Compare against every token so timing does not reveal which one matched.
         if hmac.compare_digest(token.token.encode(), given):
@@ -66,14 +120,40 @@ def authorize(request: web.Request, permission: Permission) -> str | web.Respons
     return token.name
 
 
-def _receipt(receipt: TripReceipt, extra_notes: tuple[str, ...] = ()) -> dict[str, Any]:
+def _receipt(receipt: TripReceipt) -> dict[str, Any]:
     return {
         "trip_id": receipt.trip_id,
         "accounts": list(receipt.accounts),
         "state": "tripped",
-        "notes": list(extra_notes + receipt.notes),
+        "notes": list(receipt.notes),
         "coalesced": list(receipt.coalesced),
     }
+
+
+def _trip_everything(
+    request: web.Request, source: Source, who: str, note: str, seen: float
+) -> TripReceipt:
+    """Fail safe: an authenticated request we cannot read trips every account."""
+    return request.app[SWITCH_KEY].trip(
+        TripRequest(
+            source=source, reason=f"unreadable {source} request", actor=who,
+            notes=(f"{note}: tripping all accounts",), seen_monotonic=seen,
+        )
+    )  # fmt: skip
+
+
+def _unreadable(
+    request: web.Request,
+    problem: UnreadableBodyError,
+    source: Source,
+    who: str,
+    seen: float,
+) -> web.Response:
+    """Trip everything, then answer the body's problem (413 or 400) with the trip."""
+    receipt = _trip_everything(request, source, who, problem.detail, seen)
+    detail = f"{problem.detail}; tripped all accounts anyway (fail safe)"
+    body = {"error": problem.code, "detail": detail, **_receipt(receipt)}
+    return web.json_response(body, status=problem.status)
 
 
 def _parse_trip_body(body: bytes) -> tuple[str, tuple[str, ...] | None, list[str]]:
@@ -83,14 +163,18 @@ def _parse_trip_body(body: bytes) -> tuple[str, tuple[str, ...] | None, list[str
         return reason, None, ["no body: tripping all accounts"]
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: json's C scanner recurses once per nesting level.
         return reason, None, ["body is not JSON: tripping all accounts"]
     if not isinstance(doc, dict):
         return reason, None, ["body is not a JSON object: tripping all accounts"]
     notes = []
+    unknown = sorted(str(k) for k in doc if k not in TRIP_BODY_KEYS)
+    if unknown:
+        notes.append(f"unknown keys ignored: {unknown[:10]}")
     raw_reason = doc.get("reason")
     if isinstance(raw_reason, str) and raw_reason.strip():
-        reason = raw_reason.strip()[:500]
+        reason = raw_reason.strip()[:MAX_REASON_CHARS]
     elif raw_reason is not None:
         notes.append("'reason' is not a non-empty string; ignored")
     accounts = doc.get("accounts")
@@ -108,7 +192,10 @@ async def handle_trip(request: web.Request) -> web.Response:
     who = authorize(request, "trip")
     if isinstance(who, web.Response):
         return who
-    body = await request.read()
+    try:
+        body = await read_body(request)
+    except UnreadableBodyError as exc:
+        return _unreadable(request, exc, "webhook", who, seen)
     reason, accounts, notes = _parse_trip_body(body)
     receipt = request.app[SWITCH_KEY].trip(
         TripRequest(
@@ -119,26 +206,24 @@ async def handle_trip(request: web.Request) -> web.Response:
     return web.json_response(_receipt(receipt), status=202)
 
 
-async def _trip_on_alerts(
-    request: web.Request, seen: float, who: str, kind: str
+def _trip_on_alerts(
+    request: web.Request,
+    body: bytes | UnreadableBodyError,
+    match: Mapping[str, str],
+    *,
+    source: AlertSource,
+    who: str,
+    seen: float,
 ) -> web.Response:
-    body = await request.read()
-    cfg = request.app[CONFIG_KEY]().triggers
-    section = cfg.alertmanager if kind == "alertmanager" else cfg.grafana
-    assert section is not None  # checked by the caller
-    source: Any = kind
+    if isinstance(body, UnreadableBodyError):
+        return _unreadable(request, body, source, who, seen)
     try:
-        doc = parse_payload(body, kind)
+        doc = parse_payload(body, source)
     except TriggerError as exc:
         # Fail safe: an authenticated alert we cannot read trips everything.
-        receipt = request.app[SWITCH_KEY].trip(
-            TripRequest(
-                source=source, reason=f"unreadable {kind} payload", actor=who,
-                notes=(f"{exc}: tripping all accounts",), seen_monotonic=seen,
-            )
-        )  # fmt: skip
-        return web.json_response(_receipt(receipt), status=200)
-    trip = firing_trip(doc, section.match, source, who)
+        receipt = _trip_everything(request, source, who, str(exc), seen)
+        return web.json_response({"tripped": True, **_receipt(receipt)})
+    trip = firing_trip(doc, match, source, who)
     if trip is None:
         return web.json_response(
             {"tripped": False, "detail": "no matching firing alert"}
@@ -148,7 +233,7 @@ async def _trip_on_alerts(
         actor=trip.actor, notes=trip.notes, seen_monotonic=seen,
     )  # fmt: skip
     receipt = request.app[SWITCH_KEY].trip(trip)
-    return web.json_response({"tripped": True, **_receipt(receipt)}, status=200)
+    return web.json_response({"tripped": True, **_receipt(receipt)})
 
 
 async def handle_alertmanager(request: web.Request) -> web.Response:
@@ -157,15 +242,19 @@ async def handle_alertmanager(request: web.Request) -> web.Response:
     who = authorize(request, "trip")
     if isinstance(who, web.Response):
         return who
-    if request.app[CONFIG_KEY]().triggers.alertmanager is None:
+    section = request.app[CONFIG_KEY]().triggers.alertmanager
+    if section is None:
         return json_error(404, "not_found", "triggers.alertmanager is not configured")
-    return await _trip_on_alerts(request, seen, who, "alertmanager")
+    body = await _body_or_problem(request)
+    return _trip_on_alerts(
+        request, body, section.match, source="alertmanager", who=who, seen=seen
+    )
 
 
-def _verify_grafana_signature(request: web.Request, body: bytes) -> str | web.Response:
-    grafana = request.app[CONFIG_KEY]().triggers.grafana
-    assert grafana is not None
-    assert grafana.hmac_secret is not None
+def _verify_grafana_signature(
+    request: web.Request, grafana: GrafanaConfig, secret: str, body: bytes
+) -> str | web.Response:
+    """The HMAC actor name when the signature is valid, fresh and first seen."""
     signature = request.headers.get(grafana.hmac_header, "").strip().lower()
     if not signature:
         return json_error(401, "unauthorized", f"missing {grafana.hmac_header}")
@@ -173,16 +262,18 @@ def _verify_grafana_signature(request: web.Request, body: bytes) -> str | web.Re
     if grafana.timestamp_header is not None:
         stamp = request.headers.get(grafana.timestamp_header, "").strip()
         try:
-            skew = abs(time.time() - float(stamp))
+            sent = float(stamp)
         except ValueError:
+            sent = math.nan
+        if not math.isfinite(sent):  # "nan" would pass any comparison below
             return json_error(401, "unauthorized", f"bad {grafana.timestamp_header}")
-        if skew > GRAFANA_MAX_SKEW_SECONDS:
+        if abs(time.time() - sent) > GRAFANA_MAX_SKEW_SECONDS:
             return json_error(401, "unauthorized", "timestamp outside 300 s")
         signed = stamp.encode() + b":" + body
-    expected = hmac.new(
-        grafana.hmac_secret.encode(), signed, hashlib.sha256
-    ).hexdigest()
-    if not hmac.compare_digest(expected, signature):
+    expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+    # Bytes, not str: compare_digest raises on str with non-ASCII characters.
+    given = signature.encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(expected.encode(), given):
         return json_error(401, "unauthorized", "bad signature")
     if grafana.timestamp_header is not None and not _first_sighting(request, expected):
         return json_error(401, "unauthorized", "replayed signature")
@@ -190,7 +281,7 @@ def _verify_grafana_signature(request: web.Request, body: bytes) -> str | web.Re
 
 
 def _first_sighting(request: web.Request, signature: str) -> bool:
-    """Remember signatures for the skew window: the same signed body twice is a replay."""
+    """Remember signatures for the skew window: one signed request twice is a replay."""
     seen = request.app[REPLAY_GUARD_KEY]
     now = time.monotonic()
     if len(seen) >= REPLAY_GUARD_MAX_ENTRIES:
@@ -200,6 +291,7 @@ def _first_sighting(request: web.Request, signature: str) -> bool:
         return False
     if len(seen) >= REPLAY_GUARD_MAX_ENTRIES:
         return False  # flooded with fresh signatures: refuse rather than grow
+    # Twice the skew: a timestamp may be up to the skew in the future or the past.
     seen[signature] = now + 2 * GRAFANA_MAX_SKEW_SECONDS
     return True
 
@@ -207,14 +299,27 @@ def _first_sighting(request: web.Request, signature: str) -> bool:
 async def handle_grafana(request: web.Request) -> web.Response:
     """POST /v1/grafana: Grafana alerting webhook, bearer token or HMAC signature."""
     seen = time.monotonic()
-    if request.app[CONFIG_KEY]().triggers.grafana is None:
-        return json_error(404, "not_found", "triggers.grafana is not configured")
+    grafana = request.app[CONFIG_KEY]().triggers.grafana
     who: str | web.Response = json_error(401, "unauthorized", "missing bearer token")
     if _bearer(request) is not None:
         who = authorize(request, "trip")
-    grafana = request.app[CONFIG_KEY]().triggers.grafana
-    if not isinstance(who, str) and grafana and grafana.hmac_secret is not None:
-        who = _verify_grafana_signature(request, await request.read())
+    if grafana is None:
+        if isinstance(who, web.Response):
+            return who
+        return json_error(404, "not_found", "triggers.grafana is not configured")
+    body: bytes | UnreadableBodyError
     if isinstance(who, web.Response):
-        return who
-    return await _trip_on_alerts(request, seen, who, "grafana")
+        secret = grafana.hmac_secret
+        if secret is None:
+            return who
+        body = await _body_or_problem(request)
+        if isinstance(body, UnreadableBodyError):  # no body, no signature to check
+            return json_error(body.status, body.code, body.detail)
+        who = _verify_grafana_signature(request, grafana, secret, body)
+        if isinstance(who, web.Response):
+            return who
+    else:
+        body = await _body_or_problem(request)
+    return _trip_on_alerts(
+        request, body, grafana.match, source="grafana", who=who, seen=seen
+    )
