@@ -126,8 +126,3 @@ class Metrics:
                 self.cancel_requests.labels(account=account, outcome=outcome)
             for reason in RETRY_REASONS:
                 self.cancel_retries.labels(account=account, reason=reason)
-
-    def declare_watchers(self, watchers: tuple[str, ...]) -> None:
-        """Create each PnL watcher's error counter at 0 (its gauges wait for a read)."""
-        for watcher in watchers:
-            self.pnl_read_errors.labels(watcher=watcher)

@@ -30,6 +30,7 @@ class Notifier:
             self._socket.setblocking(False)
         self.watchdog_interval_seconds = self._watchdog_interval(env)
         self._last_status: str | None = None
+        self._failing: str | None = None  # the last send error, until a send works
 
     @staticmethod
     def _watchdog_interval(env: Mapping[str, str]) -> float | None:
@@ -57,7 +58,14 @@ class Notifier:
         try:
             self._socket.sendto(message.encode(), self._address)
         except OSError as exc:
-            log.warning("sd_notify_failed", error=str(exc))
+            # Pings go out several times a second: say it once, not every time.
+            if str(exc) != self._failing:
+                self._failing = str(exc)
+                log.warning("sd_notify_failed", error=str(exc))
+        else:
+            if self._failing is not None:
+                self._failing = None
+                log.info("sd_notify_recovered")
 
     def ready(self, status: str) -> None:
         """READY=1 with the state in words."""

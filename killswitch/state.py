@@ -36,7 +36,10 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, data)
+        os.fchmod(fd, mode)  # the umask (systemd UMask=0077) must not narrow it
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -117,6 +120,7 @@ class Persister:
         self._stopping = False
         self.last_error: str | None = None
         self.saves = 0
+        self.failed_writes = 0
         # Generations let a caller learn when the state it changed is durable.
         self._requested_generation = 0
         self._saved_generation = 0
@@ -186,13 +190,18 @@ class Persister:
             except OSError as exc:
                 ok = False
                 self._fail("halt_file", exc)
-        if ok:
+        if ok and self.last_error is not None:
+            log.warning("state_write_recovered", previous_error=self.last_error)
             self.last_error = None
         return ok
 
     def _fail(self, what: str, exc: OSError) -> None:
-        self.last_error = f"{what}: {exc.strerror or exc}"
-        self._on_error(what, exc)
+        self.failed_writes += 1
+        error = f"{what}: {exc.strerror or exc}"
+        # Retried every second: report each distinct failure once, not each retry.
+        if error != self.last_error:
+            self._on_error(what, exc)
+        self.last_error = error
 
     @staticmethod
     def _sync_halt_file(halt_file: Path, state: PersistedState) -> None:
