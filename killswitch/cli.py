@@ -212,7 +212,7 @@ def _endpoint(args: argparse.Namespace) -> tuple[str, str]:
             msg = f"--token-file {args.token_file}: the file is empty"
             raise _UsageError(msg)
     if args.config is not None:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, client=True)
         if url is None:
             url = _daemon_url(cfg.api.host, cfg.api.port)
         if token is None:

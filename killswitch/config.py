@@ -167,12 +167,14 @@ _EMS_DEFAULTS = EmsConfig(name="", base_url="")
 _PNL_DEFAULTS = PnlWatcherConfig(name="", path=Path(), max_loss=1.0)
 
 
-def load_config(path: Path | str) -> Config:
+def load_config(path: Path | str, *, client: bool = False) -> Config:
     """Read and validate the YAML config at `path`, secrets included.
 
     Relative paths in the file are resolved against the file's directory;
     `*_file` secrets are read and `*_env` secrets looked up now, so a config that
-    loads is one the daemon can run with.
+    loads is one the daemon can run with. With `client`, only the API tokens
+    are read (the EMS key and the Grafana secret come back None): what the
+    `trip`, `status` and `reset` commands need.
 
     Raises:
         ConfigError: the file cannot be read or parsed, or breaks a rule;
@@ -199,7 +201,10 @@ def load_config(path: Path | str) -> Config:
     if not isinstance(data, dict):
         msg = f"{config_path}: must be a mapping of settings, got {_kind(data)}"
         raise ConfigError([msg])
-    ctx = _Context(base_dir=config_path.absolute().parent)
+    ctx = _Context(
+        base_dir=config_path.absolute().parent,
+        unread_secrets=frozenset({"api_key", "hmac_secret"}) if client else frozenset(),
+    )
     config = _config(_Section(ctx, "", data))
     for section in ctx.sections:
         section.report_unknown_keys()
@@ -321,6 +326,8 @@ class _Context:
     """What reading one config file collects: problems, warnings, sections read."""
 
     base_dir: Path
+    # Secrets not to read (the client commands need only the API tokens).
+    unread_secrets: frozenset[str] = frozenset()
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     sections: list[_Section] = field(default_factory=list)
@@ -511,7 +518,7 @@ class _Section:
         if len(given) > 1 or (required and not given):
             how_many = "exactly" if required else "at most"
             self.problem(None, f"set {how_many} one of {', '.join(keys)}")
-        if len(given) != 1:
+        if len(given) != 1 or name in self.ctx.unread_secrets:
             return None
         key = given[0]
         value = self._read_secret(key, self.get(key), name)

@@ -185,15 +185,18 @@ class Fanout:
             self._finish(progress)
             return future, progress.wired
         for account in trip.accounts:
-            self._waiting.setdefault(account, []).append(progress)
-            if account not in self._running and self._accepting:
-                # Written here, synchronously, when the account's warm line is ready.
-                fired = self.ems.fire(account)
-                if fired is not None:
-                    progress.mark_wired(account, fired.written_monotonic)
-                self._running[account] = self._tg.create_task(
-                    self._account_worker(account, fired), name=f"fanout.{account}"
-                )
+            if account in self._running or not self._accepting:
+                # Swept again right after the running sweep: never two at once.
+                self._waiting.setdefault(account, []).append(progress)
+                continue
+            # Written here, synchronously, when the account's warm line is ready.
+            fired = self.ems.fire(account)
+            if fired is not None:
+                progress.mark_wired(account, fired.written_monotonic)
+            self._running[account] = self._tg.create_task(
+                self._account_worker(account, fired, [progress]),
+                name=f"fanout.{account}",
+            )
         return future, progress.wired
 
     async def sweep(self, trip: Trip) -> SweepResult:
@@ -201,9 +204,17 @@ class Fanout:
         future, _ = self.submit(trip)
         return await future
 
-    async def _account_worker(self, account: str, fired: Fired | None) -> None:
+    async def _account_worker(
+        self, account: str, fired: Fired | None, first: list[_TripProgress]
+    ) -> None:
+        """Sweep for `first`, then again for each batch of trips that came meanwhile.
+
+        Trips that arrive after this run's cancel-all was written wait in
+        `_waiting` for the next run, so each gets a cancel-all sent after it.
+        """
+        waiters: list[_TripProgress] | None = first
         try:
-            while waiters := self._waiting.pop(account, None):
+            while waiters:
                 fired = fired or self.ems.fire(account)
                 # Task-local: every log line of this run carries the trip id.
                 with bound_contextvars(trip_id=waiters[-1].trip.trip_id):
@@ -215,6 +226,7 @@ class Fanout:
                     progress.remaining.discard(account)
                     if not progress.remaining:
                         self._finish(progress)
+                waiters = self._waiting.pop(account, None)
         finally:
             del self._running[account]
 
@@ -451,5 +463,8 @@ def resolve_accounts(
         return configured, ("no accounts named: tripping all accounts",)
     unknown = [a for a in wanted if a not in configured]
     if unknown:
-        return configured, (f"unknown accounts {unknown}: tripping all accounts",)
+        # Bounded: a caller must not be able to grow log and audit lines at will.
+        shown = [a[:64] for a in unknown[:10]]
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        return configured, (f"unknown accounts {shown}{more}: tripping all accounts",)
     return wanted, ()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -47,7 +48,8 @@ READINESS_KEY = web.AppKey("readiness", Readiness)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 _ERROR_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 413: "payload_too_large", 500: "internal_error",
+    405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
+    500: "internal_error",
 }  # fmt: skip
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -69,10 +71,16 @@ async def _errors_and_counts(
         response = json_error(exc.status, code, exc.reason)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
-    except Exception:
+    except Exception as exc:  # noqa: BLE001 - logged in full, answered 500
         # A bug in one request's handling must not take the kill switch down with
-        # it: say so loudly, answer 500, keep serving every other request.
-        log.exception("http_request_failed", endpoint=endpoint)
+        # it: say so loudly, answer 500, keep serving every other request. The
+        # traceback goes without frame locals: a local may hold a token.
+        log.error(
+            "http_request_failed",
+            endpoint=endpoint,
+            error=type(exc).__name__,
+            traceback="".join(traceback.format_exception(exc)),
+        )
         response = json_error(500, "internal_error", "see the daemon log")
     request.app[METRICS_KEY].http_requests.labels(
         endpoint=endpoint, code=str(response.status)
@@ -90,7 +98,7 @@ def _parse_reset_body(
         doc = None
     if not isinstance(doc, dict):
         return "body must be a JSON object with 'reason'"
-    unknown_keys = sorted(str(k) for k in doc if k not in ("reason", "accounts"))
+    unknown_keys = sorted(str(k)[:40] for k in doc if k not in ("reason", "accounts"))
     if unknown_keys:
         return f"unknown keys {unknown_keys[:10]}"
     reason = doc.get("reason")
@@ -108,7 +116,7 @@ def _parse_reset_body(
     # A typo must not silently reset nothing (or something else): refuse it.
     unknown = [a for a in accounts if a not in known]
     if unknown:
-        return f"unknown accounts {unknown[:10]}"
+        return f"unknown accounts {[a[:40] for a in unknown[:10]]}"
     return reason.strip()[:MAX_REASON_CHARS], accounts
 
 

@@ -23,7 +23,12 @@ def configure_logging(cfg: LogConfig, *, cache: bool = True) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if cfg.format == "json":
-        processors.append(structlog.processors.dict_tracebacks)
+        # Tracebacks without local variables: a local can hold a token or a key.
+        processors.append(
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        )
     processors.append(renderer)
     structlog.configure(
         processors=processors,

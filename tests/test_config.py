@@ -545,3 +545,21 @@ def test_example_config_without_credentials_names_each_file(tmp_path: Path) -> N
             strict=True,
         )
     )
+
+
+def test_load_config_client_mode_skips_the_ems_key(tmp_path: Path) -> None:
+    """Client commands load a config whose EMS key file they cannot read."""
+    path = tmp_path / "k.yaml"
+    (tmp_path / "token").write_text("tok-123\n")
+    path.write_text(
+        "ems: {default: {base_url: 'http://127.0.0.1:1', "
+        "api_key_file: /nonexistent/coinapi.key}}\n"
+        "accounts: [BINANCE]\n"
+        "api: {tokens: [{name: oncall, token_file: token, permissions: [status]}]}\n"
+        "state_dir: state\n"
+    )
+    with pytest.raises(ConfigError, match="api_key_file"):
+        load_config(path)
+    cfg = load_config(path, client=True)
+    assert cfg.ems["default"].api_key is None
+    assert cfg.api.tokens[0].token == "tok-123"

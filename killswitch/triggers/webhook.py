@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -32,6 +33,12 @@ REPLAY_GUARD_KEY = web.AppKey("replay_guard", dict[str, float])
 GRAFANA_MAX_SKEW_SECONDS = 300.0
 REPLAY_GUARD_MAX_ENTRIES = 10_000
 TRIP_BODY_KEYS = frozenset({"reason", "accounts"})
+# A trip body is at most max_body_bytes from a nearby risk system: it arrives in
+# milliseconds. One that stalls must not hold a trip back (fail safe).
+BODY_READ_SECONDS = 1.0
+# The 202 waits for the trip to be on disk (a restart then re-sweeps it), but
+# never long: the cancel-alls are already out, and a broken disk is reported.
+PERSIST_WAIT_SECONDS = 1.0
 
 
 def json_error(status: int, code: str, detail: str) -> web.Response:
@@ -50,13 +57,13 @@ class UnreadableBodyError(Exception):
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The request body, if it is within the current `api.max_body_bytes`.
+    """The request body, if within `api.max_body_bytes` and `BODY_READ_SECONDS`.
 
     The limit is read from the live config, so a reload changes it at once.
 
     Raises:
-        UnreadableBodyError: the body is over the limit (413), or the connection
-            was lost before all of it arrived (400).
+        UnreadableBodyError: the body is over the limit (413), stalls (408), or
+            the connection was lost before all of it arrived (400).
     """
     limit = request.app[CONFIG_KEY]().api.max_body_bytes
     too_large = UnreadableBodyError(
@@ -67,11 +74,15 @@ async def read_body(request: web.Request) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:  # chunked, so no Content-Length to check first
-                raise too_large
-            chunks.append(chunk)
+        async with asyncio.timeout(BODY_READ_SECONDS):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:  # chunked, so no Content-Length to check first
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        detail = f"body not received within {BODY_READ_SECONDS:g} s"
+        raise UnreadableBodyError(408, "request_timeout", detail) from exc
     except ConnectionResetError as exc:
         detail = "connection lost before the whole body arrived"
         raise UnreadableBodyError(400, "bad_request", detail) from exc
@@ -120,12 +131,22 @@ def authorize(request: web.Request, permission: Permission) -> str | web.Respons
     return token.name
 
 
-def _receipt(receipt: TripReceipt) -> dict[str, Any]:
+async def _receipt(request: web.Request, receipt: TripReceipt) -> dict[str, Any]:
+    """The reply to a trip, sent once the trip is on disk (or after a bounded wait)."""
+    switch = request.app[SWITCH_KEY]
+    persisted = await switch.wait_persisted(receipt, PERSIST_WAIT_SECONDS)
+    notes = list(receipt.notes)
+    if not persisted:
+        notes.append(
+            f"not on disk after {PERSIST_WAIT_SECONDS:g} s (see /v1/status "
+            "persistence_error): the cancels are out, but a crash now forgets it"
+        )
     return {
         "trip_id": receipt.trip_id,
         "accounts": list(receipt.accounts),
         "state": "tripped",
-        "notes": list(receipt.notes),
+        "persisted": persisted,
+        "notes": notes,
         "coalesced": list(receipt.coalesced),
     }
 
@@ -142,17 +163,18 @@ def _trip_everything(
     )  # fmt: skip
 
 
-def _unreadable(
+async def _unreadable(
     request: web.Request,
     problem: UnreadableBodyError,
     source: Source,
     who: str,
     seen: float,
 ) -> web.Response:
-    """Trip everything, then answer the body's problem (413 or 400) with the trip."""
+    """Trip everything, then answer the body's problem (4xx) along with the trip."""
     receipt = _trip_everything(request, source, who, problem.detail, seen)
     detail = f"{problem.detail}; tripped all accounts anyway (fail safe)"
-    body = {"error": problem.code, "detail": detail, **_receipt(receipt)}
+    body: dict[str, Any] = {"error": problem.code, "detail": detail}
+    body |= await _receipt(request, receipt)
     return web.json_response(body, status=problem.status)
 
 
@@ -169,7 +191,7 @@ def _parse_trip_body(body: bytes) -> tuple[str, tuple[str, ...] | None, list[str
     if not isinstance(doc, dict):
         return reason, None, ["body is not a JSON object: tripping all accounts"]
     notes = []
-    unknown = sorted(str(k) for k in doc if k not in TRIP_BODY_KEYS)
+    unknown = sorted(str(k)[:40] for k in doc if k not in TRIP_BODY_KEYS)
     if unknown:
         notes.append(f"unknown keys ignored: {unknown[:10]}")
     raw_reason = doc.get("reason")
@@ -195,7 +217,7 @@ async def handle_trip(request: web.Request) -> web.Response:
     try:
         body = await read_body(request)
     except UnreadableBodyError as exc:
-        return _unreadable(request, exc, "webhook", who, seen)
+        return await _unreadable(request, exc, "webhook", who, seen)
     reason, accounts, notes = _parse_trip_body(body)
     receipt = request.app[SWITCH_KEY].trip(
         TripRequest(
@@ -203,10 +225,10 @@ async def handle_trip(request: web.Request) -> web.Response:
             notes=tuple(notes), seen_monotonic=seen,
         )
     )  # fmt: skip
-    return web.json_response(_receipt(receipt), status=202)
+    return web.json_response(await _receipt(request, receipt), status=202)
 
 
-def _trip_on_alerts(
+async def _trip_on_alerts(
     request: web.Request,
     body: bytes | UnreadableBodyError,
     match: Mapping[str, str],
@@ -216,13 +238,13 @@ def _trip_on_alerts(
     seen: float,
 ) -> web.Response:
     if isinstance(body, UnreadableBodyError):
-        return _unreadable(request, body, source, who, seen)
+        return await _unreadable(request, body, source, who, seen)
     try:
         doc = parse_payload(body, source)
     except TriggerError as exc:
         # Fail safe: an authenticated alert we cannot read trips everything.
         receipt = _trip_everything(request, source, who, str(exc), seen)
-        return web.json_response({"tripped": True, **_receipt(receipt)})
+        return web.json_response({"tripped": True, **await _receipt(request, receipt)})
     trip = firing_trip(doc, match, source, who)
     if trip is None:
         return web.json_response(
@@ -233,7 +255,7 @@ def _trip_on_alerts(
         actor=trip.actor, notes=trip.notes, seen_monotonic=seen,
     )  # fmt: skip
     receipt = request.app[SWITCH_KEY].trip(trip)
-    return web.json_response({"tripped": True, **_receipt(receipt)})
+    return web.json_response({"tripped": True, **await _receipt(request, receipt)})
 
 
 async def handle_alertmanager(request: web.Request) -> web.Response:
@@ -246,7 +268,7 @@ async def handle_alertmanager(request: web.Request) -> web.Response:
     if section is None:
         return json_error(404, "not_found", "triggers.alertmanager is not configured")
     body = await _body_or_problem(request)
-    return _trip_on_alerts(
+    return await _trip_on_alerts(
         request, body, section.match, source="alertmanager", who=who, seen=seen
     )
 
@@ -320,6 +342,6 @@ async def handle_grafana(request: web.Request) -> web.Response:
             return who
     else:
         body = await _body_or_problem(request)
-    return _trip_on_alerts(
+    return await _trip_on_alerts(
         request, body, grafana.match, source="grafana", who=who, seen=seen
     )
