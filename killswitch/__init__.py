@@ -1,3 +1,3 @@
-"""killswitch: cancels every open order on every exchange account, fast, and stays tripped."""
+"""killswitch: cancels every open order on every exchange account; stays tripped."""
 
 __version__ = "0.1.0"

@@ -27,7 +27,7 @@ class EmsError(KillswitchError):
 
 
 class EmsUnavailableError(EmsError):
-    """Transient: connect error, timeout, 5xx, 429, 490, unreachable rejects. Retried."""
+    """Transient: connect error, timeout, 5xx, 429, 490, unreachable rejects."""
 
     def __init__(
         self,
