@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
@@ -61,11 +63,54 @@ def _handling_signals(
             loop.remove_signal_handler(signum)
 
 
+# File descriptors kept free for what must never fail for want of one: the EMS
+# lines and pool, the state, halt and audit files. Per account and fixed.
+FDS_RESERVED_PER_ACCOUNT = 3
+FDS_RESERVED = 64
+API_KEEPALIVE_SECONDS = 15.0
+
+
+def _cap_idle_connections(server: web.Server, reserved: int) -> None:
+    """Keep API connections below the fd limit by closing the oldest idle ones.
+
+    Idle or silent connections (slowloris) must never use up the descriptors a
+    trip request, an EMS line or a state write needs. aiohttp has no cap of its
+    own, so the server's connection hook is wrapped.
+    """
+    track = server.connection_made
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        track(handler, transport)
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        cap = max(soft_limit - reserved, 16)
+        excess = len(server.connections) - cap
+        # Oldest first (insertion order); never one with a request in progress.
+        for old in server.connections:
+            if excess <= 0:
+                break
+            if old is not handler and not getattr(old, "_request_in_progress", True):
+                old.force_close()
+                excess -= 1
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+
+
 @contextlib.asynccontextmanager
-async def _serving(app: web.Application, host: str, port: int) -> AsyncIterator[None]:
+async def _serving(
+    app: web.Application, host: str, port: int, accounts: int
+) -> AsyncIterator[None]:
     # No access log: a flood of requests must not turn into a flood of writes.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=API_KEEPALIVE_SECONDS,
+    )
     await runner.setup()
+    assert runner.server is not None
+    _cap_idle_connections(
+        runner.server, FDS_RESERVED + FDS_RESERVED_PER_ACCOUNT * accounts
+    )
     try:
         await web.TCPSite(runner, host, port, backlog=1024).start()
         log.info("api_listening", host=host, port=port)
@@ -247,7 +292,9 @@ class Daemon:
             self.readiness.ems_warm.__setitem__,
             is_busy=lambda: bool(switch.fanout.in_flight),
         )
-        async with _serving(app, self.cfg.api.host, self.cfg.api.port):
+        async with _serving(
+            app, self.cfg.api.host, self.cfg.api.port, len(self.cfg.accounts)
+        ):
             self.readiness.listening = True
             try:
                 async with asyncio.TaskGroup() as tg:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -61,7 +62,10 @@ def load_state(state_dir: Path) -> PersistedState | None:
     path = state_dir / STATE_FILE_NAME
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        if path.is_symlink():  # state on a volume that is not mounted: not "no state"
+            msg = f"{path}: dangling symlink to {path.readlink()}"
+            raise StateError(msg) from exc
         return None
     except OSError as exc:
         msg = f"{path}: cannot read state: {exc.strerror or exc}"
@@ -172,11 +176,21 @@ class Persister:
             if self._stopping:
                 return
             if not ok:
-                await asyncio.sleep(RETRY_FAILED_WRITE_SECONDS)
+                # Retry soon, or at once when the state changes (a new trip).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RETRY_FAILED_WRITE_SECONDS):
+                        await self._dirty.wait()
                 self._dirty.set()
 
     def _write(self, state: PersistedState) -> bool:
         ok = True
+        # The halt file first: trading systems stop sending orders on seeing it.
+        if self._halt_file is not None:
+            try:
+                self._sync_halt_file(self._halt_file, state)
+            except OSError as exc:
+                ok = False
+                self._fail("halt_file", exc)
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(self._path, _encode(state))
@@ -184,12 +198,6 @@ class Persister:
         except OSError as exc:
             ok = False
             self._fail("state", exc)
-        if self._halt_file is not None:
-            try:
-                self._sync_halt_file(self._halt_file, state)
-            except OSError as exc:
-                ok = False
-                self._fail("halt_file", exc)
         if ok and self.last_error is not None:
             log.warning("state_write_recovered", previous_error=self.last_error)
             self.last_error = None
