@@ -57,6 +57,7 @@ from typing import Any, Final, NamedTuple
 
 from aiohttp import hdrs, web
 
+from killswitch.sim.fast import FastFront, serve_fast
 from killswitch.sim.faults import ScriptedFailure
 from killswitch.sim.simulator import RecordedRequest, Simulator
 
@@ -167,7 +168,9 @@ async def running_simulator(
 
     Handlers whose client disconnects are cancelled, and shutdown cancels whatever is
     still running after about half a second (aiohttp waits the 0.25 s shutdown timeout
-    twice), so hung and delayed requests never linger.
+    twice), so hung and delayed requests never linger. Plain cancel-alls and order
+    lists are answered by `FastFront` without aiohttp (see `killswitch.sim.fast`),
+    except with `log_requests`.
 
     Args:
         sim: the simulator to serve.
@@ -188,12 +191,23 @@ async def running_simulator(
         shutdown_timeout=_SHUTDOWN_TIMEOUT_SECONDS,
     )
     await runner.setup()
+    listener: asyncio.Server | None = None
+    fronts: set[FastFront] = set()
     try:
-        await web.TCPSite(runner, host, port).start()
-        bound_port = runner.addresses[0][1]
+        if log_requests:
+            # One log line per request is the app's job: no fast path then.
+            await web.TCPSite(runner, host, port).start()
+            bound_port = runner.addresses[0][1]
+        else:
+            listener, fronts = await serve_fast(sim, runner, host, port)
+            bound_port = listener.sockets[0].getsockname()[1]
         url_host = f"[{host}]" if ":" in host else host
         yield f"http://{url_host}:{bound_port}"
     finally:
+        if listener is not None:
+            listener.close()
+            for front in list(fronts):
+                front.close()
         await runner.cleanup()
 
 

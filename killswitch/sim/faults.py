@@ -102,6 +102,14 @@ class FaultPlan:
             self._standing[exchange_id] = faults
         self._survivals[exchange_id] = survive_cancels
 
+    def is_plain(self, exchange_id: str) -> bool:
+        """True when `exchange_id` has no standing fault, survival or queued failure."""
+        return (
+            exchange_id not in self._standing
+            and not self._survivals.get(exchange_id, 0)
+            and not self._failures.get(exchange_id)
+        )
+
     def delay_seconds(self, exchange_id: str | None) -> float:
         """Return the latency added to a request: the global one plus the account's."""
         return self.latency_seconds + self.standing(exchange_id).delay_seconds
