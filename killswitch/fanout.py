@@ -9,13 +9,16 @@ and no account waits for another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import structlog
+from prometheus_client import Counter, Histogram
 from structlog.contextvars import bound_contextvars
 from tenacity import (
     AsyncRetrying,
@@ -34,6 +37,8 @@ from killswitch.triggers import Source
 
 log = structlog.get_logger()
 
+# The least a finished account waits for the rest of its trip's first answers.
+MIN_ANSWER_WAIT_SECONDS = 0.005
 # Outcomes a re-cancel cannot change (bad request, bad key, a final reject).
 FINAL_OUTCOMES = frozenset({"rejected", "auth_error"})
 
@@ -105,6 +110,8 @@ class _TripProgress:
         self.last_wire: float | None = None
         self.wired = asyncio.Event()
         self.unwired = set(trip.accounts)
+        self.answered = asyncio.Event()  # every account's first cancel-all answered
+        self.unanswered = set(trip.accounts)
 
     def mark_wired(self, account: str, at: float | None) -> None:
         if at is not None and (self.last_wire is None or at > self.last_wire):
@@ -112,6 +119,11 @@ class _TripProgress:
         self.unwired.discard(account)
         if not self.unwired:
             self.wired.set()
+
+    def mark_answered(self, account: str) -> None:
+        self.unanswered.discard(account)
+        if not self.unanswered:
+            self.answered.set()
 
 
 class Fanout:
@@ -139,6 +151,8 @@ class Fanout:
         self._waiting: dict[str, list[_TripProgress]] = {}
         self.last_results: dict[str, AccountResult] = {}
         self._accepting = True
+        self._request_counters: dict[tuple[str, str], Counter] = {}
+        self._request_timers: dict[str, Histogram] = {}
 
     def add_done_callback(self, callback: Callable[[SweepResult], None]) -> None:
         """Call `callback` with every trip's result once all its accounts are done."""
@@ -257,18 +271,28 @@ class Fanout:
         deadline = started + self.sweep_cfg.deadline_seconds
         trip_id = waiters[-1].trip.trip_id
         stamp = WireStamp()
+        first_log: list[dict[str, Any]] = []
         # The first attempt goes straight out: no retry machinery on the hot path.
         outcome, attempts, error = await self._cancel(
-            account, deadline, stamp, waiters, fired=fired
+            account, deadline, stamp, waiters, fired=fired, first_log=first_log
         )
+        answered = self._clock()
+        if fired is not None and attempts == 1 and fired.answered_monotonic:
+            answered = fired.answered_monotonic  # read off the socket, not resumed
         result = AccountResult(
             exchange_id=account,
             outcome=outcome,
             attempts=attempts,
             error=error,
             trip_id=trip_id,
-            cancelled_monotonic=self._clock(),
+            cancelled_monotonic=answered,
         )
+        # Until every account of the trip has its first answer, the loop belongs
+        # to reading those answers: log lines and verification wait. Answers of
+        # one burst arrive together, so waiting as long again as this account's
+        # own answer took covers them; a hung account delays no one for longer.
+        await self._all_answered(waiters[0], answered - started, deadline)
+        _flush_log(first_log)
         if self.sweep_cfg.verify:
             await self._verify(account, deadline, result)
         result.duration_seconds = self._clock() - started
@@ -277,6 +301,16 @@ class Fanout:
         if result.flat is not None:
             self._metrics.account_flat.labels(account=account).set(int(result.flat))
         return result
+
+    async def _all_answered(
+        self, progress: _TripProgress, own_latency: float, deadline: float
+    ) -> None:
+        if progress.answered.is_set():
+            return
+        bound = min(max(own_latency, MIN_ANSWER_WAIT_SECONDS), deadline - self._clock())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(bound, 0.0)):
+                await progress.answered.wait()
 
     async def _cancel(
         self,
@@ -287,27 +321,32 @@ class Fanout:
         *,
         first_attempt: int = 1,
         fired: Fired | None = None,
+        first_log: list[dict[str, Any]] | None = None,
     ) -> tuple[str, int, str | None]:
         """Cancel-all with retries; returns (last outcome, attempts, last error)."""
         try:
-            await self._attempt(account, first_attempt, deadline, stamp, fired)
+            await self._attempt(
+                account, first_attempt, deadline, stamp, fired, defer_log=first_log
+            )
         except EmsError as first_error:
             if waiters:
-                self._mark_wired(account, stamp, waiters)
+                self._first_attempt_done(account, stamp, waiters)
+            _flush_log(first_log)  # retries follow: keep the lines in order
             return await self._retry_after(
                 account, first_error, deadline, first_attempt
             )
         if waiters:
-            self._mark_wired(account, stamp, waiters)
+            self._first_attempt_done(account, stamp, waiters)
         return "accepted", 1, None
 
     @staticmethod
-    def _mark_wired(
+    def _first_attempt_done(
         account: str, stamp: WireStamp | None, waiters: list[_TripProgress]
     ) -> None:
         at = stamp.written_monotonic if stamp is not None else None
         for progress in waiters:
             progress.mark_wired(account, at)
+            progress.mark_answered(account)
 
     async def _attempt(
         self,
@@ -316,7 +355,10 @@ class Fanout:
         deadline: float,
         stamp: WireStamp | None,
         fired: Fired | None = None,
+        *,
+        defer_log: list[dict[str, Any]] | None = None,
     ) -> None:
+        """One cancel-all; counted, timed and logged (or its log line deferred)."""
         started = fired.written_monotonic if fired is not None else self._clock()
         outcome = "error"  # a bug unwinds with this label; EMS answers are classified
         try:
@@ -329,17 +371,36 @@ class Fanout:
             raise
         finally:
             elapsed = self._clock() - started
-            self._metrics.cancel_requests.labels(account=account, outcome=outcome).inc()
-            self._metrics.cancel_request_duration.labels(account=account).observe(
-                elapsed
+            self._counted(account, outcome).inc()
+            self._timed(account).observe(elapsed)
+            fields = {
+                "account": account,
+                "attempt": attempt,
+                "outcome": outcome,
+                "latency_ms": round(elapsed * 1000, 3),
+            }
+            if defer_log is not None:
+                defer_log.append(fields)
+            else:
+                log.info("cancel_all_attempted", **fields)
+
+    def _counted(self, account: str, outcome: str) -> Counter:
+        # labels() costs a lock and a dict look-up per call: cache the children.
+        key = (account, outcome)
+        child = self._request_counters.get(key)
+        if child is None:
+            child = self._metrics.cancel_requests.labels(
+                account=account, outcome=outcome
             )
-            log.info(
-                "cancel_all_attempted",
-                account=account,
-                attempt=attempt,
-                outcome=outcome,
-                latency_ms=round(elapsed * 1000, 3),
-            )
+            self._request_counters[key] = child
+        return child
+
+    def _timed(self, account: str) -> Histogram:
+        child = self._request_timers.get(account)
+        if child is None:
+            child = self._metrics.cancel_request_duration.labels(account=account)
+            self._request_timers[account] = child
+        return child
 
     def _is_retryable(self, exc: BaseException, attempt: int) -> bool:
         if isinstance(exc, EmsUnavailableError):
@@ -447,6 +508,13 @@ class Fanout:
                 break
             await asyncio.sleep(pause)
         result.flat = False
+
+
+def _flush_log(deferred: list[dict[str, Any]] | None) -> None:
+    if deferred:
+        for fields in deferred:
+            log.info("cancel_all_attempted", **fields)
+        deferred.clear()
 
 
 def resolve_accounts(

@@ -78,12 +78,13 @@ def line_spec(
 class Fired:
     """A cancel-all already written on a line; await `response`."""
 
-    __slots__ = ("_line", "response", "written_monotonic")
+    __slots__ = ("_line", "answered_monotonic", "response", "written_monotonic")
 
     def __init__(self, line: _Line, response: asyncio.Future[Response]) -> None:
         self._line = line
         self.response = response
         self.written_monotonic = time.monotonic()
+        self.answered_monotonic = 0.0  # set when the whole answer has been read
 
     def abandon(self) -> None:
         """The caller gave up (timeout, shutdown): the line cannot be reused."""
@@ -98,8 +99,9 @@ class _Line(asyncio.Protocol):
         self._on_closed = on_closed
         self._transport: asyncio.Transport | None = None
         self._h11 = h11.Connection(h11.CLIENT)
-        self._wire = b""
+        self._wire: bytes | None = None  # the next request, serialized ahead
         self._pending: asyncio.Future[Response] | None = None
+        self._fired: Fired | None = None
         self._status = 0
         self._headers: dict[str, str] = {}
         self._body = bytearray()
@@ -109,27 +111,33 @@ class _Line(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._arm()
+        self._prepare()
+        self.is_ready = True
 
-    def _arm(self) -> None:
-        """Serialize the next request now, off the hot path."""
+    def _prepare(self) -> None:
+        """Serialize the next request ahead of time, off the hot path."""
+        if self._wire is not None or self._pending is not None or self.is_closed:
+            return  # prepared already, or a request is in flight (h11 is mid-cycle)
         spec = self.spec
         self._wire = (
             self._h11.send(spec.request)
             + self._h11.send(h11.Data(data=spec.body))
             + self._h11.send(h11.EndOfMessage())
         )
-        self.is_ready = True
 
     def fire(self) -> Fired | None:
         """Write the prepared cancel-all; None when the line cannot take it now."""
         if not self.is_ready or self._transport is None or self._transport.is_closing():
             return None
         self.is_ready = False
+        self._prepare()  # normally done already, right after the last answer
+        assert self._wire is not None
         self._pending = asyncio.get_running_loop().create_future()
         self._status, self._headers, self._body = 0, {}, bytearray()
         self._transport.write(self._wire)
-        return Fired(self, self._pending)
+        self._wire = None
+        self._fired = Fired(self, self._pending)
+        return self._fired
 
     def data_received(self, data: bytes) -> None:
         if self._pending is None:
@@ -162,11 +170,16 @@ class _Line(asyncio.Protocol):
 
     def _complete(self) -> None:
         pending, self._pending = self._pending, None
+        if self._fired is not None:
+            self._fired.answered_monotonic = time.monotonic()
+            self._fired = None
         if pending is not None and not pending.done():
             pending.set_result((self._status, self._headers, bytes(self._body)))
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
-            self._arm()
+            self.is_ready = True
+            # Not urgent: other accounts' answers may be waiting to be read.
+            asyncio.get_running_loop().call_soon(self._prepare)
         else:
             self.abort()  # the server wants to close: reconnect instead
 
