@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -162,6 +163,8 @@ REDACTED = "<redacted>"
 _PERMISSIONS: tuple[Permission, ...] = ("trip", "reset", "status")
 _LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console")
 _LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
 # defaults of the dataclasses whose required fields forbid a bare instance
 _EMS_DEFAULTS = EmsConfig(name="", base_url="")
 _PNL_DEFAULTS = PnlWatcherConfig(name="", path=Path(), max_loss=1.0)
@@ -537,6 +540,10 @@ class _Section:
         if key.endswith("_env"):
             variable = self.text(key)
             if not variable.strip():
+                return None
+            if not _ENV_NAME.fullmatch(variable):
+                # Likely the secret itself pasted in: never repeat it.
+                self.problem(key, "not a valid environment variable name")
                 return None
             secret = os.environ.get(variable)
             if secret is None:

@@ -563,3 +563,19 @@ def test_load_config_client_mode_skips_the_ems_key(tmp_path: Path) -> None:
     cfg = load_config(path, client=True)
     assert cfg.ems["default"].api_key is None
     assert cfg.api.tokens[0].token == "tok-123"
+
+
+def test_load_config_never_echoes_a_secret_pasted_as_an_env_name(
+    tmp_path: Path,
+) -> None:
+    """A secret written where a variable name belongs is not repeated in the error."""
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        "ems: {default: {base_url: 'http://127.0.0.1:1', "
+        "api_key_env: 'sk-live/9f8e+7d6c=='}}\n"
+        "accounts: [BINANCE]\nstate_dir: state\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "ems.default.api_key_env" in str(info.value)
+    assert "sk-live" not in str(info.value)
