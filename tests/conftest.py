@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from killswitch.ems import EmsClient, create_session
 from killswitch.fanout import Fanout
 from killswitch.metrics import Metrics
 from killswitch.sim import Simulator, running_simulator
+from tests.processes import DaemonProcess, write_config
 
 ACCOUNTS = ("BINANCE", "KRAKEN/JOHN", "COINBASE", "BITSTAMP/2574")
 API_KEY = "sim-key-0123456789abcdef"  # a fake; tests scan output for it
@@ -177,3 +178,29 @@ async def fanout(
     """A Fanout on the simulator, drained at the end of the test."""
     async with Fanout(client, config.retry, config.sweep, metrics) as f:
         yield f
+
+
+StartDaemon = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+async def start_daemon(
+    ems_sim: RunningSim, tmp_path: Path
+) -> AsyncIterator[StartDaemon]:
+    """Start real daemons on the simulator; every one is stopped at teardown.
+
+    Keyword arguments replace top-level config sections (see `write_config`).
+    """
+    started: list[DaemonProcess] = []
+    config_path = tmp_path / "killswitch.yaml"
+
+    def start(**overrides: Any) -> DaemonProcess:
+        if not config_path.exists() or overrides:
+            write_config(config_path, ems_sim.base_url, ACCOUNTS, **overrides)
+        daemon = DaemonProcess(config_path).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()

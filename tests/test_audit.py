@@ -7,7 +7,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from killswitch.audit import AUDIT_FILE_NAME, AuditLog
 from killswitch.state import STATE_FILE_NAME, write_atomic
-from tests.conftest import ACCOUNTS, RunningSim
-from tests.processes import SECRETS, DaemonProcess, write_config
+from tests.conftest import ACCOUNTS, RunningSim, StartDaemon
+from tests.processes import SECRETS, DaemonProcess
 
 CANCEL = "/v1/orders/cancel/all"
 WAIT_SECONDS = 10.0
 POLL_SECONDS = 0.02
 Records = list[dict[str, Any]]
-StartDaemon = Callable[..., DaemonProcess]
 
 
 def read_audit(path: Path) -> Records:
@@ -54,26 +53,6 @@ def metric(text: str, name: str, **labels: str) -> float | None:
             if sample.name == name and sample.labels == labels:
                 return sample.value
     return None
-
-
-@pytest.fixture
-async def start_daemon(
-    ems_sim: RunningSim, tmp_path: Path
-) -> AsyncIterator[StartDaemon]:
-    """Start real daemons on the simulator; every one is stopped at teardown."""
-    started: list[DaemonProcess] = []
-    config_path = tmp_path / "killswitch.yaml"
-
-    def start(**overrides: Any) -> DaemonProcess:
-        if not config_path.exists() or overrides:
-            write_config(config_path, ems_sim.base_url, ACCOUNTS, **overrides)
-        daemon = DaemonProcess(config_path).start()
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
 
 
 async def test_audit_log_records_trips_sweeps_reset_and_reload(

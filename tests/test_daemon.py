@@ -4,37 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.conftest import ACCOUNTS, API_KEY, RunningSim
-from tests.processes import SECRETS, DaemonProcess, write_config
+from tests.conftest import ACCOUNTS, API_KEY, RunningSim, StartDaemon
+from tests.processes import SECRETS
 
 CANCEL = "/v1/orders/cancel/all"
-StartDaemon = Callable[..., DaemonProcess]
-
-
-@pytest.fixture
-async def start_daemon(
-    ems_sim: RunningSim, tmp_path: Path
-) -> AsyncIterator[StartDaemon]:
-    """Start real daemons on the simulator; every one is stopped at teardown."""
-    started: list[DaemonProcess] = []
-    config_path = tmp_path / "killswitch.yaml"
-
-    def start(**overrides: Any) -> DaemonProcess:
-        if not config_path.exists() or overrides:
-            write_config(config_path, ems_sim.base_url, ACCOUNTS, **overrides)
-        daemon = DaemonProcess(config_path).start()
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
 
 
 def cancels(sim: RunningSim, account: str | None = None) -> list[Any]:

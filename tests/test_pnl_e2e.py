@@ -6,19 +6,16 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ACCOUNTS, RunningSim
-from tests.processes import SECRETS, DaemonProcess, write_config
+from tests.conftest import ACCOUNTS, RunningSim, StartDaemon
+from tests.processes import SECRETS, DaemonProcess
 
 CANCEL = "/v1/orders/cancel/all"
 MAX_DRAWDOWN = 150.0
-StartDaemon = Callable[..., DaemonProcess]
 
 
 def pnl_triggers(pnl_path: Path, **watcher: Any) -> dict[str, Any]:
@@ -37,26 +34,6 @@ def write_pnl(path: Path, pnl: float) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps({"pnl": pnl}))
     tmp.replace(path)
-
-
-@pytest.fixture
-async def start_daemon(
-    ems_sim: RunningSim, tmp_path: Path
-) -> AsyncIterator[StartDaemon]:
-    """Start real daemons on the simulator; every one is stopped at teardown."""
-    started: list[DaemonProcess] = []
-    config_path = tmp_path / "killswitch.yaml"
-
-    def start(**overrides: Any) -> DaemonProcess:
-        if not config_path.exists() or overrides:
-            write_config(config_path, ems_sim.base_url, ACCOUNTS, **overrides)
-        daemon = DaemonProcess(config_path).start()
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
 
 
 async def pnl_metrics(daemon: DaemonProcess) -> dict[str, float]:
