@@ -24,13 +24,15 @@ run: $(VENV)/.installed
 	@mkdir -p $(DEMO_DIR)
 	@test -f $(DEMO_DIR)/pnl.json || echo '{"pnl": 0}' > $(DEMO_DIR)/pnl.json
 	@echo "killswitch demo: EMS simulator on 127.0.0.1:9480, daemon API on 127.0.0.1:9470"
-	@echo "  trip it:   kill -USR1 \$$(pgrep -f 'killswitch run -c config/demo.yaml')"
+	@echo "  trip it:   pkill -USR1 -f 'python.*killswitch run -c config/demo.yaml'"
 	@echo "         or: $(BIN)/killswitch trip -c config/demo.yaml --reason drill"
 	@echo "  status:    $(BIN)/killswitch status -c config/demo.yaml"
 	@echo "  reset:     $(BIN)/killswitch reset -c config/demo.yaml --reason 'drill over'"
 	@echo "  PnL trip:  echo '{\"pnl\": -60000}' > $(DEMO_DIR)/pnl.json.tmp && mv $(DEMO_DIR)/pnl.json.tmp $(DEMO_DIR)/pnl.json"
+	@# The wrapper shell ignores SIGUSR1 (the daemon installs its own handler), so a
+	@# signal aimed at the demo can never kill the wrapper and with it the simulator.
 	@bash -c 'set -m; $(BIN)/killswitch ems-sim --listen 127.0.0.1:9480 & sim=$$!; \
-	  trap "kill $$sim 2>/dev/null; wait $$sim 2>/dev/null" EXIT; \
+	  trap "kill $$sim 2>/dev/null; wait $$sim 2>/dev/null" EXIT; trap "" USR1; \
 	  $(BIN)/killswitch run -c config/demo.yaml'
 
 test: $(VENV)/.installed-dev

@@ -265,15 +265,11 @@ def _client(args: argparse.Namespace) -> int:
     try:
         if command == "status":
             doc = _request(f"{base}/v1/status", token, "GET", None)
-            if args.json:
-                print(json.dumps(doc, indent=2, sort_keys=True))
-            else:
-                _print_status(doc)
-            return ExitCode.OK
-        body: dict[str, Any] = {"reason": args.reason}
-        if args.accounts:
-            body["accounts"] = args.accounts
-        doc = _request(f"{base}/v1/{command}", token, "POST", body)
+        else:
+            body: dict[str, Any] = {"reason": args.reason}
+            if args.accounts:
+                body["accounts"] = args.accounts
+            doc = _request(f"{base}/v1/{command}", token, "POST", body)
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")[:500]
         print(
@@ -295,6 +291,13 @@ def _client(args: argparse.Namespace) -> int:
     except _BadAnswerError as exc:
         print(f"killswitch: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
+    # Printing is outside the try: a closed stdout is not an unreachable daemon.
+    if command == "status":
+        if args.json:
+            print(json.dumps(doc, indent=2, sort_keys=True))
+        else:
+            _print_status(doc)
+        return ExitCode.OK
     if command == "trip":
         print(f"tripped: trip_id={doc['trip_id']} accounts={','.join(doc['accounts'])}")
     else:
