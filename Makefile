@@ -31,7 +31,7 @@ run: $(VENV)/.installed
 	@echo "  PnL trip:  echo '{\"pnl\": -60000}' > $(DEMO_DIR)/pnl.json.tmp && mv $(DEMO_DIR)/pnl.json.tmp $(DEMO_DIR)/pnl.json"
 	@# The wrapper shell ignores SIGUSR1 (the daemon installs its own handler), so a
 	@# signal aimed at the demo can never kill the wrapper and with it the simulator.
-	@bash -c 'set -m; $(BIN)/killswitch ems-sim --listen 127.0.0.1:9480 & sim=$$!; \
+	@bash -c '$(BIN)/killswitch ems-sim --listen 127.0.0.1:9480 & sim=$$!; \
 	  trap "kill $$sim 2>/dev/null; wait $$sim 2>/dev/null" EXIT; trap "" USR1; \
 	  $(BIN)/killswitch run -c config/demo.yaml'
 

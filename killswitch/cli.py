@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import traceback
@@ -118,6 +119,10 @@ def run(argv: list[str]) -> int:
     except _UsageError as exc:
         print(f"killswitch: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    except BrokenPipeError:
+        # The reader went away (`killswitch status | head`): nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
     except Exception:  # noqa: BLE001 - a bug: print it whole and exit EX_SOFTWARE
         traceback.print_exc()
         return ExitCode.SOFTWARE

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
+import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -452,3 +455,46 @@ async def test_cli_sweep_bad_api_key_exits_failure(
     assert sweep_rows(out)["BINANCE"][1:3] == ["auth_error", "1"]
     assert cancelled(ems_sim).count("BINANCE") == 1
     assert SECRETS["TEST_COINAPI_KEY"] not in out
+
+
+def test_cli_status_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    """`killswitch status | head -1` is not an error: no traceback, exit 0."""
+    doc = {
+        "state": "armed", "version": "x", "last_trip": None,
+        "accounts": {f"A{i}": {"tripped": False, "in_flight": False,
+                               "last_outcome": None, "attempts": 0,
+                               "open_orders": None, "flat": None}
+                     for i in range(2000)},
+    }  # fmt: skip
+    body = json.dumps(doc).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = tmp_path / "token"
+    token.write_text("t")
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        cmd = (
+            f"{sys.executable} -m killswitch status --url {url} "
+            f"--token-file {token} | head -1"
+        )
+        done = subprocess.run(
+            ["bash", "-o", "pipefail", "-c", cmd],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout.startswith("state: armed")
