@@ -20,7 +20,7 @@ from aiohttp.connector import Connection
 from yarl import URL
 
 from killswitch.config import AccountConfig, EmsConfig
-from killswitch.errors import EmsError, EmsRejectedError, EmsUnavailableError
+from killswitch.errors import EmsRejectedError, EmsUnavailableError
 from killswitch.line import CancelLines, Fired, LineSpec, line_spec
 
 CANCEL_ALL_PATH = "/v1/orders/cancel/all"
@@ -366,7 +366,6 @@ def classify(
 __all__ = [
     "CancelAck",
     "EmsClient",
-    "EmsError",
     "WireStamp",
     "classify",
     "connector_for",

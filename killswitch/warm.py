@@ -22,8 +22,6 @@ COLD_RETRY_SECONDS = 1.0
 class KeepWarm:
     """Probes every account of every EMS at once, so the pool holds N live sockets."""
 
-    name = "keep_warm"
-
     def __init__(
         self,
         client: Callable[[], EmsClient],

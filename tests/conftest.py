@@ -204,3 +204,11 @@ async def start_daemon(
     yield start
     for daemon in started:
         daemon.stop()
+
+
+@pytest.fixture
+async def daemon(start_daemon: StartDaemon) -> DaemonProcess:
+    """One real daemon on the simulator, ready; stopped at teardown."""
+    process = start_daemon()
+    await process.wait_ready()
+    return process

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -224,19 +223,6 @@ async def killswitch(
         out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
-
-
-@pytest.fixture
-async def daemon(ems_sim: RunningSim, tmp_path: Path) -> AsyncIterator[DaemonProcess]:
-    """The real daemon on the simulator, stopped at teardown."""
-    path = tmp_path / "killswitch.yaml"
-    write_config(path, ems_sim.base_url, ACCOUNTS)
-    process = DaemonProcess(path).start()
-    try:
-        await process.wait_ready()
-        yield process
-    finally:
-        process.stop()
 
 
 def cancelled(ems_sim: RunningSim) -> list[str]:

@@ -7,7 +7,7 @@ import json
 import signal
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +22,6 @@ TRIP = SECRETS["TEST_TRIP_TOKEN"]
 ONCALL = SECRETS["TEST_ONCALL_TOKEN"]
 NEW_TOKEN = "e2e-new-token-after-reload-3c9a"  # a test token
 WAIT_SECONDS = 10.0
-
-
-@pytest.fixture
-async def daemon(ems_sim: RunningSim, tmp_path: Path) -> AsyncIterator[DaemonProcess]:
-    """The real daemon on the simulator, stopped at teardown."""
-    path = tmp_path / "killswitch.yaml"
-    write_config(path, ems_sim.base_url, ACCOUNTS)
-    process = DaemonProcess(path).start()
-    try:
-        await process.wait_ready()
-        yield process
-    finally:
-        process.stop()
 
 
 async def poll(
